@@ -1,0 +1,126 @@
+"""Every setting of gptjax, declared once with what it means and its unit.
+
+Presets (gpt1.py, gpt2.py, gpt3.py, tiny.py) start from `get_config()` and override what differs.
+The returned config is locked: assigning a key that is not declared here is an error, so a typo in
+`--config.optim.peak_lr` fails loudly instead of adding a new key.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = "base"  # preset name, recorded in the workdir and in run names
+  c.seed = 0  # one seed for init, data order and dropout
+
+  # ---- model (gptjax/model.py) -------------------------------------------------------------
+  m = c.model = ml_collections.ConfigDict()
+  m.vocab_size = 50257  # real tokenizer vocabulary; set from the tokenizer when it is trained
+  m.pad_vocab_to = 128  # round embedding/output rows up to a multiple of this (1 = exact vocab)
+  m.ctx = 1024  # maximum sequence length = rows of the learned position table
+  m.n_layers = 12  # transformer blocks
+  m.d_model = 768  # residual stream width
+  m.n_heads = 12  # attention heads
+  m.d_head = 0  # width of one head; 0 = d_model // n_heads
+  m.d_ff = 0  # MLP hidden width; 0 = 4 * d_model
+  m.norm = "pre"  # 'pre' (GPT-2/3: LN before each sub-block + final LN) or 'post' (GPT-1)
+  m.ln_eps = 1e-5  # LayerNorm epsilon
+  m.tie_embeddings = True  # output projection = token embedding transposed
+  m.attention = "dense"  # 'dense', or 'alternating' (GPT-3: dense, banded, dense, banded, ...)
+  m.local_window = 256  # tokens a banded layer attends to (itself and the window-1 before it)
+  m.attention_impl = "auto"  # jax.nn.dot_product_attention backend: 'xla', 'cudnn' or 'auto'
+  m.embd_dropout = 0.1  # dropout on token + position embeddings
+  m.attn_dropout = 0.1  # dropout on attention probabilities
+  m.resid_dropout = 0.1  # dropout on each sub-block's output before the residual add
+  m.init_std = 0.02  # N(0, init_std) for weights; residual projections get init_std / sqrt(2 * n_layers)
+  m.scan_layers = True  # nn.scan over layers (fast compile) instead of an unrolled Python loop
+  m.remat = "none"  # activation checkpointing: 'none', 'full', 'dots', 'dots_no_batch', 'qkv_attn'
+  m.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (params and loss stay float32)
+
+  # ---- data (gptjax/data/) -----------------------------------------------------------------
+  d = c.data = ml_collections.ConfigDict()
+  d.source = "embedded"  # 'embedded' (text shipped with Python: no download), 'files' or 'tfds'
+  d.paths = ""  # source 'files': comma-separated globs of .txt / .jsonl / .parquet files
+  d.text_key = "text"  # field holding the text in .jsonl / .parquet records and TFDS examples
+  d.txt_split = "file"  # .txt files: 'file' = one document per file, 'blank_line' = per paragraph
+  d.tfds_name = ""  # source 'tfds': dataset name, e.g. 'lm1b', 'c4/en', 'wikipedia/20230601.en'
+  d.tfds_data_dir = ""  # where the TFDS dataset was prepared ('' = TFDS default)
+  d.tfds_train_split = "train"  # TFDS split for training
+  d.tfds_val_split = "validation"  # TFDS split for validation ('' = hold out val_fraction of train)
+  d.val_fraction = 0.01  # fraction of documents held out for validation (never split inside a doc)
+  d.max_docs = 0  # use at most this many documents (0 = all)
+  d.cache_dir = ""  # tokenized-data cache ('' = $GPTJAX_CACHE or ~/.cache/gptjax)
+  d.document_mask = False  # also emit segment ids so attention does not cross document boundaries
+  d.worker_count = 0  # Grain worker processes (0 = read in the main process)
+  d.prefetch = 2  # batches prepared ahead of the step
+  tk = d.tokenizer = ml_collections.ConfigDict()
+  tk.kind = "sentencepiece"  # 'sentencepiece' or 'gpt2_bpe' (local vocab.json + merges.txt)
+  tk.path = ""  # existing .model file, or folder with vocab.json + merges.txt; '' = train one
+  tk.vocab_size = 8192  # vocabulary of a newly trained SentencePiece model
+  tk.model_type = "bpe"  # SentencePiece algorithm: 'bpe' or 'unigram'
+  tk.train_chars = 20_000_000  # characters of the source sampled to train the tokenizer
+
+  # ---- training (gptjax/train.py, gptjax/loop.py) -------------------------------------------
+  t = c.train = ml_collections.ConfigDict()
+  t.seq_len = 0  # tokens per training sequence; 0 = model.ctx
+  t.global_batch = 512  # sequences per optimizer step, over all devices and micro-batches
+  t.micro_batch = 0  # sequences per forward/backward over all devices; 0 = global_batch
+  t.steps = 1000  # optimizer steps in the run (if tokens > 0, tokens decides instead)
+  t.tokens = 0  # tokens in the run (0 = use steps)
+  t.log_every = 10  # steps between metric fetches from the device (no host sync in between)
+  t.eval_every = 200  # steps between validation passes (0 = only at the end)
+  t.eval_batches = 10  # global batches per validation pass
+  t.z_loss = 0.0  # weight of the z-loss (log Z)^2 that keeps the softmax normaliser near 1
+  t.sample_tokens = 64  # tokens generated at the end of the run (0 = no samples)
+  t.progress = True  # tqdm progress bar on process 0
+
+  # ---- optimizer (gptjax/optim.py) ----------------------------------------------------------
+  o = c.optim = ml_collections.ConfigDict()
+  o.peak_lr = 6e-4  # learning rate at the end of warmup
+  o.b1 = 0.9  # Adam beta1
+  o.b2 = 0.95  # Adam beta2 (GPT-3)
+  o.eps = 1e-8  # Adam epsilon
+  o.weight_decay = 0.1  # decoupled weight decay (AdamW) on matrices only
+  o.decay_embeddings = False  # also decay token/position embeddings
+  o.clip_norm = 1.0  # global gradient-norm clip (0 = off)
+  o.schedule = "cosine"  # 'cosine', 'linear', 'constant', 'rsqrt' or 'wsd' (warmup-stable-decay)
+  o.warmup_steps = 0  # linear warmup length in steps (or use warmup_tokens)
+  o.warmup_tokens = 0  # linear warmup length in tokens (GPT-3: 375M); overrides warmup_steps
+  o.decay_steps = 0  # steps until the schedule reaches its floor; 0 = the end of the run
+  o.decay_tokens = 0  # the same in tokens (GPT-3: 260B); overrides decay_steps
+  o.final_lr_fraction = 0.1  # floor of the decay, as a fraction of peak_lr (GPT-3: 0.1)
+  o.wsd_decay_fraction = 0.2  # 'wsd': fraction of the run spent in the final linear decay
+  o.batch_ramp_tokens = 0  # GPT-3 batch ramp: grow the batch linearly over this many tokens (0 = off)
+  o.batch_ramp_start = 32768  # batch size in tokens at the start of the ramp (GPT-3: 32k)
+  o.batch_ramp_buckets = 4  # distinct batch sizes on the ramp (each compiles once)
+
+  # ---- device mesh (gptjax/sharding.py) ----------------------------------------------------
+  mesh = c.mesh = ml_collections.ConfigDict()
+  mesh.data = -1  # data-parallel axis size (-1 = all devices left over)
+  mesh.fsdp = 1  # FSDP / ZeRO-3 axis: params, grads and optimizer state sharded over it
+  mesh.tensor = 1  # Megatron tensor-parallel axis: heads, MLP and vocab sharded over it
+  # Logical axis -> mesh axes. One table serves DP, FSDP, TP and mixes: an axis of size 1 is a no-op.
+  r = mesh.rules = ml_collections.ConfigDict()
+  r.batch = "data,fsdp"
+  r.length = ""
+  r.embed = "fsdp"
+  r.heads = "tensor"
+  r.kv = ""
+  r.mlp = "tensor"
+  r.vocab = "tensor"
+  r.layers = ""
+  return c
+
+
+def from_size(family: str, name: str = "") -> ml_collections.ConfigDict:
+  """The base config with model, batch and learning rate of one row of `configs/sizes.py`."""
+  from configs import sizes  # pylint: disable=import-outside-toplevel
+
+  s = sizes.lookup(family, name)
+  c = get_config()
+  c.name = f"{family}-{name}" if name else family
+  c.model.n_layers, c.model.d_model, c.model.n_heads, c.model.d_head = s.layers, s.d_model, s.heads, s.d_head
+  c.model.ctx, c.model.vocab_size, c.model.norm = s.ctx, s.vocab, s.norm
+  c.train.global_batch = s.batch
+  c.optim.peak_lr = s.lr
+  return c

@@ -1,0 +1,13 @@
+"""GPT-2 (Radford et al. 2019): pre-LN, context 1024, vocab 50257, batch 512 sequences.
+
+Usage: --config=configs/gpt2.py:small (small | medium | large | xl)
+"""
+
+from configs import base
+
+
+def get_config(arg: str = "small"):
+  c = base.from_size("gpt2", arg)
+  c.optim.warmup_steps = 2000
+  c.lock()
+  return c

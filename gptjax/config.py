@@ -1,0 +1,123 @@
+"""Config validation: every check that can fail before anything compiles or is written.
+
+`validate(cfg)` raises `ConfigError` naming the setting, what is wrong, and how to fix it.
+"""
+
+import jax
+import ml_collections
+
+from gptjax import model as model_lib
+
+
+class ConfigError(ValueError):
+  """A setting is invalid; the message names it and says how to fix it."""
+
+
+LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv", "mlp", "vocab", "layers")
+MESH_AXES = ("data", "fsdp", "tensor")
+SCHEDULES = ("cosine", "linear", "constant", "rsqrt", "wsd")
+
+
+def _check(ok: bool, key: str, problem: str, fix: str) -> None:
+  if not ok:
+    raise ConfigError(f"config.{key}: {problem}. {fix}")
+
+
+def validate_model(m: ml_collections.ConfigDict) -> None:
+  """Checks `cfg.model` alone."""
+  for key in ("vocab_size", "ctx", "n_layers", "d_model", "n_heads", "pad_vocab_to"):
+    _check(int(m[key]) >= 1, f"model.{key}", f"must be a positive integer, got {m[key]!r}",
+           "Set it to a value >= 1.")
+  if not m.d_head:
+    _check(m.d_model % m.n_heads == 0, "model.n_heads",
+           f"{m.n_heads} heads do not divide d_model={m.d_model}",
+           "Choose n_heads dividing d_model, or set model.d_head explicitly.")
+  _check(m.d_head >= 0 and m.d_ff >= 0, "model.d_head/d_ff", "must be >= 0 (0 = default)",
+         "Use 0 for d_model // n_heads and 4 * d_model.")
+  _check(m.norm in ("pre", "post"), "model.norm", f"unknown value {m.norm!r}",
+         "Use 'pre' (GPT-2/3) or 'post' (GPT-1).")
+  _check(m.remat in model_lib.REMAT_POLICIES, "model.remat", f"unknown remat policy {m.remat!r}",
+         f"Choose one of {sorted(model_lib.REMAT_POLICIES)}.")
+  _check(m.attention in model_lib.ATTENTION_PATTERNS, "model.attention",
+         f"unknown attention pattern {m.attention!r}",
+         f"Choose one of {sorted(model_lib.ATTENTION_PATTERNS)}.")
+  period = len(model_lib.ATTENTION_PATTERNS[m.attention])
+  _check(m.n_layers % period == 0, "model.n_layers",
+         f"{m.n_layers} layers cannot alternate {m.attention!r} attention in periods of {period}",
+         f"Use a multiple of {period} layers or model.attention='dense'.")
+  _check(m.local_window >= 1, "model.local_window", "must be >= 1", "Set a band width in tokens.")
+  _check(m.attention_impl in ("auto", "xla", "cudnn"), "model.attention_impl",
+         f"unknown implementation {m.attention_impl!r}", "Use 'auto', 'xla' or 'cudnn'.")
+  _check(m.dtype in model_lib.DTYPES, "model.dtype", f"unknown dtype {m.dtype!r}",
+         f"Use one of {sorted(model_lib.DTYPES)}.")
+  for key in ("embd_dropout", "attn_dropout", "resid_dropout"):
+    _check(0.0 <= m[key] < 1.0, f"model.{key}", f"must be in [0, 1), got {m[key]}",
+           "Use 0 to disable dropout.")
+  _check(m.init_std > 0, "model.init_std", "must be > 0", "GPT-2 uses 0.02.")
+
+
+def validate_rules(rules: ml_collections.ConfigDict) -> None:
+  """Checks the logical-axis -> mesh-axis table."""
+  for logical, target in rules.items():
+    _check(logical in LOGICAL_AXES, f"mesh.rules.{logical}", "is not a logical axis of the model",
+           f"Logical axes are {LOGICAL_AXES}.")
+    for axis in filter(None, target.split(",")):
+      _check(axis in MESH_AXES, f"mesh.rules.{logical}", f"names unknown mesh axis {axis!r}",
+             f"Mesh axes are {MESH_AXES}; separate several with commas, '' = replicated.")
+
+
+def mesh_shape(mesh: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
+  """Resolves the -1 ('the rest') axis and checks the product equals the device count."""
+  sizes = {a: int(mesh[a]) for a in MESH_AXES}
+  free = [a for a, s in sizes.items() if s == -1]
+  _check(len(free) <= 1, "mesh", f"more than one axis is -1 ({free})", "Leave at most one at -1.")
+  for a, s in sizes.items():
+    _check(s == -1 or s >= 1, f"mesh.{a}", f"must be >= 1 or -1, got {s}", "Use -1 for 'the rest'.")
+  fixed = 1
+  for a, s in sizes.items():
+    fixed *= s if s != -1 else 1
+  if free:
+    _check(n_devices % fixed == 0, f"mesh.{free[0]}",
+           f"cannot fill {n_devices} devices: the other axes multiply to {fixed}",
+           "Choose axis sizes whose product divides the device count.")
+    sizes[free[0]] = n_devices // fixed
+  total = sizes["data"] * sizes["fsdp"] * sizes["tensor"]
+  _check(total == n_devices, "mesh",
+         f"data x fsdp x tensor = {sizes['data']} x {sizes['fsdp']} x {sizes['tensor']} = {total}, "
+         f"but there are {n_devices} devices", "Make the product equal the device count (or use -1).")
+  return sizes
+
+
+def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> None:
+  """Checks the whole config; `n_devices` defaults to `jax.device_count()`."""
+  m, t, o = cfg.model, cfg.train, cfg.optim
+  validate_model(m)
+  validate_rules(cfg.mesh.rules)
+  seq_len = t.seq_len or m.ctx
+  _check(0 < seq_len <= m.ctx, "train.seq_len", f"{seq_len} exceeds the model context {m.ctx}",
+         "Use train.seq_len <= model.ctx (or raise model.ctx).")
+  _check(t.global_batch >= 1, "train.global_batch", "must be >= 1", "Set sequences per step.")
+  micro = t.micro_batch or t.global_batch
+  _check(t.global_batch % micro == 0, "train.micro_batch",
+         f"{micro} does not divide global_batch={t.global_batch}",
+         "Choose a micro-batch that divides the global batch (0 = no accumulation).")
+  _check(t.steps >= 1 or t.tokens >= 1, "train.steps", "the run has no length",
+         "Set train.steps or train.tokens.")
+  _check(t.log_every >= 1, "train.log_every", "must be >= 1", "Fetch metrics every N >= 1 steps.")
+  _check(o.peak_lr > 0, "optim.peak_lr", f"must be > 0, got {o.peak_lr}", "Set a positive rate.")
+  _check(o.schedule in SCHEDULES, "optim.schedule", f"unknown schedule {o.schedule!r}",
+         f"Choose one of {SCHEDULES}.")
+  _check(0.0 <= o.final_lr_fraction <= 1.0, "optim.final_lr_fraction", "must be in [0, 1]",
+         "GPT-3 decays to 0.1 of the peak.")
+  _check(o.clip_norm >= 0 and o.weight_decay >= 0, "optim.clip_norm/weight_decay", "must be >= 0",
+         "Use 0 to disable.")
+  n_devices = jax.device_count() if n_devices is None else n_devices
+  sizes = mesh_shape(cfg.mesh, n_devices)
+  batch_shards = sizes["data"] * sizes["fsdp"]
+  _check(micro % batch_shards == 0, "train.global_batch",
+         f"the batch of {micro} sequences per pass does not split over data x fsdp = {batch_shards}"
+         " devices", "Use a (micro-)batch divisible by mesh.data * mesh.fsdp.")
+  heads = m.n_heads
+  _check(heads % sizes["tensor"] == 0, "mesh.tensor",
+         f"tensor parallelism of {sizes['tensor']} does not divide n_heads={heads}",
+         "Choose mesh.tensor dividing the number of heads.")

@@ -1,0 +1,308 @@
+"""The GPT stack (GPT-1, GPT-2, GPT-3) as functional Flax linen modules.
+
+The model names logical axes only (`batch`, `length`, `embed`, `heads`, `kv`, `mlp`, `vocab`,
+`layers`) and knows nothing of meshes: `gptjax/sharding.py` maps the names onto a device mesh.
+Shapes are written as suffixes: B batch, L length, D d_model, N heads, H d_head, F d_ff, V vocab.
+
+    model = GPT(ModelArgs.from_config(cfg.model))
+    params = model.init(rng, tokens_BxL)["params"]
+    logits_BxLxV = model.apply({"params": params}, tokens_BxL)
+"""
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+Array = jax.Array
+
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation: keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each block's input
+    "dots": jax.checkpoint_policies.dots_saveable,  # keep matmul outputs, recompute the rest
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "qkv_attn": jax.checkpoint_policies.save_only_these_names("qkv", "attn_out"),
+}
+ATTENTION_PATTERNS = {"dense": (0,), "alternating": (0, 1)}  # 1 marks a locally banded layer
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelArgs:
+  """Static model hyperparameters (a hashable view of `cfg.model`)."""
+
+  vocab_size: int = 50257
+  pad_vocab_to: int = 1
+  ctx: int = 1024
+  n_layers: int = 12
+  d_model: int = 768
+  n_heads: int = 12
+  d_head: int = 64
+  d_ff: int = 3072
+  norm: str = "pre"
+  ln_eps: float = 1e-5
+  tie_embeddings: bool = True
+  attention: str = "dense"
+  local_window: int = 256
+  attention_impl: str | None = None
+  embd_dropout: float = 0.0
+  attn_dropout: float = 0.0
+  resid_dropout: float = 0.0
+  init_std: float = 0.02
+  scan_layers: bool = True
+  remat: str = "none"
+  dtype: Any = jnp.float32
+
+  @classmethod
+  def from_config(cls, m) -> "ModelArgs":
+    """Builds the args from a (validated) `cfg.model` ConfigDict, resolving the 0 = default keys."""
+    return cls(
+        vocab_size=m.vocab_size, pad_vocab_to=m.pad_vocab_to, ctx=m.ctx, n_layers=m.n_layers,
+        d_model=m.d_model, n_heads=m.n_heads, d_head=m.d_head or m.d_model // m.n_heads,
+        d_ff=m.d_ff or 4 * m.d_model, norm=m.norm, ln_eps=m.ln_eps, tie_embeddings=m.tie_embeddings,
+        attention=m.attention, local_window=m.local_window,
+        attention_impl=None if m.attention_impl == "auto" else m.attention_impl,
+        embd_dropout=m.embd_dropout, attn_dropout=m.attn_dropout, resid_dropout=m.resid_dropout,
+        init_std=m.init_std, scan_layers=m.scan_layers, remat=m.remat, dtype=DTYPES[m.dtype])
+
+  @property
+  def padded_vocab(self) -> int:
+    return -(-self.vocab_size // self.pad_vocab_to) * self.pad_vocab_to
+
+  @property
+  def pattern(self) -> tuple[int, ...]:
+    """Per-layer attention kind, repeating: 0 dense, 1 locally banded."""
+    return ATTENTION_PATTERNS[self.attention]
+
+  def window(self, layer: int) -> int | None:
+    """Tokens layer `layer` attends to (None = all earlier tokens)."""
+    return self.local_window if self.pattern[layer % len(self.pattern)] else None
+
+
+def _normal(std: float, axes: tuple[str | None, ...]):
+  return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+
+
+def _zeros(axes):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def _layer_norm(args: ModelArgs, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(
+      epsilon=args.ln_eps, dtype=args.dtype, name=name, use_fast_variance=False,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+      bias_init=_zeros(("embed",)))
+
+
+class Attention(nn.Module):
+  """Causal multi-head self-attention; `window` makes it locally banded (GPT-3 sparse layers)."""
+
+  args: ModelArgs
+  window: int | None = None
+
+  @nn.compact
+  def __call__(self, x_BxLxD: Array, segment_ids_BxL: Array | None, deterministic: bool) -> Array:
+    a = self.args
+    resid_std = a.init_std / math.sqrt(2 * a.n_layers)
+    qkv_BxLx3xNxH = nn.DenseGeneral(
+        (3, a.n_heads, a.d_head), dtype=a.dtype, name="qkv",
+        kernel_init=_normal(a.init_std, ("embed", None, "heads", "kv")),
+        bias_init=_zeros((None, "heads", "kv")))(x_BxLxD)
+    qkv_BxLx3xNxH = checkpoint_name(qkv_BxLx3xNxH, "qkv")
+    q_BxLxNxH, k_BxLxNxH, v_BxLxNxH = (
+        nn.with_logical_constraint(qkv_BxLx3xNxH[:, :, i], ("batch", "length", "heads", "kv"))
+        for i in range(3))
+
+    if a.attn_dropout > 0.0 and not deterministic:
+      # jax.nn.dot_product_attention has no dropout; the Flax reference path does.
+      mask = _causal_mask(x_BxLxD.shape[1], self.window, segment_ids_BxL)
+      out_BxLxNxH = nn.dot_product_attention(
+          q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, mask=mask, dropout_rate=a.attn_dropout,
+          dropout_rng=self.make_rng("dropout"), deterministic=False, dtype=a.dtype)
+    else:
+      mask = None
+      if segment_ids_BxL is not None:
+        mask = (segment_ids_BxL[:, None, :, None] == segment_ids_BxL[:, None, None, :])
+      out_BxLxNxH = jax.nn.dot_product_attention(
+          q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, mask=mask, is_causal=True,
+          local_window_size=None if self.window is None else (self.window - 1, 0),
+          implementation=a.attention_impl)
+    out_BxLxNxH = checkpoint_name(out_BxLxNxH, "attn_out")
+    out_BxLxNxH = nn.with_logical_constraint(out_BxLxNxH, ("batch", "length", "heads", "kv"))
+    return nn.DenseGeneral(
+        a.d_model, axis=(-2, -1), dtype=a.dtype, name="out",
+        kernel_init=_normal(resid_std, ("heads", "kv", "embed")),
+        bias_init=_zeros(("embed",)))(out_BxLxNxH)
+
+
+def _causal_mask(length: int, window: int | None, segment_ids_BxL: Array | None) -> Array:
+  """Boolean [B or 1, 1, L, L] mask: query i sees key j iff j <= i (and i - j < window)."""
+  i, j = jnp.arange(length)[:, None], jnp.arange(length)[None, :]
+  mask = j <= i
+  if window is not None:
+    mask &= i - j < window
+  mask = mask[None, None]
+  if segment_ids_BxL is not None:
+    mask = mask & (segment_ids_BxL[:, None, :, None] == segment_ids_BxL[:, None, None, :])
+  return mask
+
+
+class MLP(nn.Module):
+  """Position-wise feed-forward: D -> F (GELU, tanh approximation as in GPT-1/2) -> D."""
+
+  args: ModelArgs
+
+  @nn.compact
+  def __call__(self, x_BxLxD: Array) -> Array:
+    a = self.args
+    h_BxLxF = nn.Dense(a.d_ff, dtype=a.dtype, name="fc",
+                       kernel_init=_normal(a.init_std, ("embed", "mlp")),
+                       bias_init=_zeros(("mlp",)))(x_BxLxD)
+    h_BxLxF = nn.with_logical_constraint(jax.nn.gelu(h_BxLxF, approximate=True),
+                                         ("batch", "length", "mlp"))
+    return nn.Dense(a.d_model, dtype=a.dtype, name="proj",
+                    kernel_init=_normal(a.init_std / math.sqrt(2 * a.n_layers), ("mlp", "embed")),
+                    bias_init=_zeros(("embed",)))(h_BxLxF)
+
+
+class Block(nn.Module):
+  """One transformer block, pre-LN (GPT-2/3) or post-LN (GPT-1)."""
+
+  args: ModelArgs
+  window: int | None = None
+
+  @nn.compact
+  def __call__(self, x_BxLxD: Array, segment_ids_BxL: Array | None, deterministic: bool) -> Array:
+    a = self.args
+    attn = Attention(a, self.window, name="attn")
+    mlp = MLP(a, name="mlp")
+    drop = nn.Dropout(a.resid_dropout, deterministic=deterministic)
+    ln_1, ln_2 = _layer_norm(a, "ln_1"), _layer_norm(a, "ln_2")
+    if a.norm == "pre":
+      x_BxLxD = x_BxLxD + drop(attn(ln_1(x_BxLxD), segment_ids_BxL, deterministic))
+      x_BxLxD = x_BxLxD + drop(mlp(ln_2(x_BxLxD)))
+    else:
+      x_BxLxD = ln_1(x_BxLxD + drop(attn(x_BxLxD, segment_ids_BxL, deterministic)))
+      x_BxLxD = ln_2(x_BxLxD + drop(mlp(x_BxLxD)))
+    return nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
+
+
+def _block_class(args: ModelArgs, in_scan: bool):
+  if args.remat == "none":
+    return Block
+  # Inside nn.scan the loop already prevents CSE across layers; outside it we must ask for it.
+  return nn.remat(Block, policy=REMAT_POLICIES[args.remat], prevent_cse=not in_scan,
+                  static_argnums=(3,))
+
+
+class BlockGroup(nn.Module):
+  """One period of the attention pattern (1 block dense; 2 blocks for dense/banded alternation).
+
+  The scanned unit of `nn.scan`, so that every scanned step has the same structure.
+  """
+
+  args: ModelArgs
+
+  @nn.compact
+  def __call__(self, x_BxLxD: Array, segment_ids_BxL: Array | None, deterministic: bool):
+    block = _block_class(self.args, in_scan=True)
+    for i in range(len(self.args.pattern)):
+      x_BxLxD = block(self.args, self.args.window(i), name=f"block_{i}")(
+          x_BxLxD, segment_ids_BxL, deterministic)
+    return x_BxLxD, None
+
+
+class GPT(nn.Module):
+  """Decoder-only transformer language model.
+
+  Parameter layout: `wte` [V, D] and `wpe` [ctx, D] embeddings; blocks either stacked by `nn.scan`
+  under `layers/block_{i}` with a leading `layers` axis of n_layers / period, or unrolled as
+  `block_{l}`; `ln_f` (pre-LN only); `lm_head` [D, V] only if embeddings are untied.
+  """
+
+  args: ModelArgs
+
+  def setup(self):
+    a = self.args
+    self.wte = nn.Embed(a.padded_vocab, a.d_model, dtype=a.dtype, name="wte",
+                        embedding_init=_normal(a.init_std, ("vocab", "embed")))
+    self.wpe = nn.Embed(a.ctx, a.d_model, dtype=a.dtype, name="wpe",
+                        embedding_init=_normal(a.init_std, ("length", "embed")))
+    self.embd_drop = nn.Dropout(a.embd_dropout)
+    period = len(a.pattern)
+    if a.scan_layers:
+      self.layers = nn.scan(
+          BlockGroup, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+          in_axes=(nn.broadcast, nn.broadcast), length=a.n_layers // period,
+          metadata_params={nn.PARTITION_NAME: "layers"})(a, name="layers")
+    else:
+      block = _block_class(a, in_scan=False)
+      self.blocks = [block(a, a.window(i), name=f"block_{i}") for i in range(a.n_layers)]
+    if a.norm == "pre":
+      self.ln_f = _layer_norm(a, "ln_f")
+    if not a.tie_embeddings:
+      self.lm_head = self.param("lm_head", _normal(a.init_std, ("embed", "vocab")),
+                                (a.d_model, a.padded_vocab), jnp.float32)
+
+  def hidden(self, tokens_BxL: Array, positions_BxL: Array | None = None,
+             segment_ids_BxL: Array | None = None, deterministic: bool = True) -> Array:
+    """Final hidden states [B, L, D] (after the final LayerNorm for pre-LN models)."""
+    a = self.args
+    if positions_BxL is None:
+      positions_BxL = jnp.arange(tokens_BxL.shape[1])[None, :]
+    x_BxLxD = self.wte(tokens_BxL) + self.wpe(positions_BxL)
+    x_BxLxD = self.embd_drop(x_BxLxD, deterministic=deterministic)
+    x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
+    if a.scan_layers:
+      x_BxLxD, _ = self.layers(x_BxLxD, segment_ids_BxL, deterministic)
+    else:
+      for block in self.blocks:
+        x_BxLxD = block(x_BxLxD, segment_ids_BxL, deterministic)
+    if a.norm == "pre":
+      x_BxLxD = self.ln_f(x_BxLxD)
+    return x_BxLxD
+
+  def logits(self, x_BxLxD: Array) -> Array:
+    """Projects hidden states to float32 logits [B, L, V_padded]; padded ids get -1e30."""
+    a = self.args
+    w_DxV = self.wte.embedding.T if a.tie_embeddings else self.lm_head
+    logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD.astype(a.dtype), w_DxV.astype(a.dtype),
+                              preferred_element_type=jnp.float32)
+    if a.padded_vocab != a.vocab_size:
+      logits_BxLxV = jnp.where(jnp.arange(a.padded_vocab) < a.vocab_size, logits_BxLxV, -1e30)
+    return nn.with_logical_constraint(logits_BxLxV, ("batch", "length", "vocab"))
+
+  def __call__(self, tokens_BxL: Array, positions_BxL: Array | None = None,
+               segment_ids_BxL: Array | None = None, deterministic: bool = True) -> Array:
+    """Next-token logits [B, L, V_padded] in float32.
+
+    Args:
+      tokens_BxL: int token ids.
+      positions_BxL: position ids (default 0..L-1), e.g. for left-padded prompts.
+      segment_ids_BxL: document numbers; attention never crosses a change of segment.
+      deterministic: False enables dropout (needs a 'dropout' rng).
+    """
+    return self.logits(self.hidden(tokens_BxL, positions_BxL, segment_ids_BxL, deterministic))
+
+
+def cross_entropy(logits_BxLxV: Array, targets_BxL: Array, weights_BxL: Array | None = None,
+                  z_loss: float = 0.0) -> tuple[Array, Array]:
+  """Mean token cross-entropy in float32 (and the z-loss term added to it if z_loss > 0).
+
+  Returns:
+    (loss, number of weighted tokens).
+  """
+  logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+  log_z_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
+  target_logit_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+  nll_BxL = log_z_BxL - target_logit_BxL
+  if z_loss:
+    nll_BxL = nll_BxL + z_loss * jnp.square(log_z_BxL)
+  if weights_BxL is None:
+    weights_BxL = jnp.ones_like(nll_BxL)
+  count = weights_BxL.sum()
+  return (nll_BxL * weights_BxL).sum() / jnp.maximum(count, 1.0), count

@@ -1,0 +1,233 @@
+"""The GPT model against an independent jax.numpy reference, and its structural guarantees."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from gptjax import layout
+from gptjax.model import GPT, Attention, ModelArgs, cross_entropy
+
+SMALL = ModelArgs(vocab_size=97, ctx=32, n_layers=4, d_model=48, n_heads=4, d_head=12, d_ff=192)
+
+
+def init(args, length=16, seed=0):
+  tokens = jax.random.randint(jax.random.key(seed + 1), (3, length), 0, args.vocab_size)
+  params = nn.meta.unbox(GPT(args).init(jax.random.key(seed), tokens)["params"])
+  return params, tokens
+
+
+def perturb(params, seed=7):
+  """Random values everywhere (LayerNorm gains/biases and biases included), so tests see all."""
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return treedef.unflatten([x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+# ---- independent reference -------------------------------------------------------------------
+def _ln(x, p, eps):
+  mu = x.mean(-1, keepdims=True)
+  var = ((x - mu) ** 2).mean(-1, keepdims=True)
+  return (x - mu) / np.sqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def _gelu(x):
+  return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def reference_logits(params, tokens, a: ModelArgs):
+  """Plain numpy GPT forward pass, written from the papers, independent of gptjax.model."""
+  p = jax.tree.map(np.asarray, layout.unstack(params, len(a.pattern)))
+  tokens = np.asarray(tokens)
+  length = tokens.shape[1]
+  x = p["wte"]["embedding"][tokens] + p["wpe"]["embedding"][:length][None]
+  for l in range(a.n_layers):
+    b = p[f"block_{l}"]
+    window = a.window(l)
+
+    def attn(h, b=b, window=window):
+      qkv = np.einsum("btd,dsnh->btsnh", h, b["attn"]["qkv"]["kernel"]) + b["attn"]["qkv"]["bias"]
+      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+      s = np.einsum("bqnh,bknh->bnqk", q, k) / np.sqrt(a.d_head)
+      i, j = np.arange(length)[:, None], np.arange(length)[None, :]
+      allowed = (j <= i) & ((i - j < window) if window else True)
+      s = np.where(allowed, s, -np.inf)
+      w = np.exp(s - s.max(-1, keepdims=True))
+      w = w / w.sum(-1, keepdims=True)
+      o = np.einsum("bnqk,bknh->bqnh", w, v)
+      return np.einsum("bqnh,nhd->bqd", o, b["attn"]["out"]["kernel"]) + b["attn"]["out"]["bias"]
+
+    def mlp(h, b=b):
+      f = _gelu(h @ b["mlp"]["fc"]["kernel"] + b["mlp"]["fc"]["bias"])
+      return f @ b["mlp"]["proj"]["kernel"] + b["mlp"]["proj"]["bias"]
+
+    if a.norm == "pre":
+      x = x + attn(_ln(x, b["ln_1"], a.ln_eps))
+      x = x + mlp(_ln(x, b["ln_2"], a.ln_eps))
+    else:
+      x = _ln(x + attn(x), b["ln_1"], a.ln_eps)
+      x = _ln(x + mlp(x), b["ln_2"], a.ln_eps)
+  if a.norm == "pre":
+    x = _ln(x, p["ln_f"], a.ln_eps)
+  w = p["wte"]["embedding"].T if a.tie_embeddings else p["lm_head"]
+  return (x @ w)[..., :a.vocab_size]
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(norm="pre"),
+    dict(norm="post"),
+    dict(attention="alternating", local_window=5),
+    dict(tie_embeddings=False, pad_vocab_to=64),
+    dict(scan_layers=False, norm="post"),
+], ids=["pre_ln", "post_ln", "banded", "untied_padded", "unrolled_post_ln"])
+def test_matches_numpy_reference(overrides):
+  args = dataclasses.replace(SMALL, **overrides)
+  params, tokens = init(args)
+  params = perturb(params)
+  logits = GPT(args).apply({"params": params}, tokens)
+  assert logits.dtype == jnp.float32
+  assert logits.shape == (3, 16, args.padded_vocab)
+  np.testing.assert_allclose(logits[..., :args.vocab_size], reference_logits(params, tokens, args),
+                             atol=2e-4, rtol=2e-4)
+  if args.padded_vocab > args.vocab_size:  # padded ids can never be predicted
+    assert np.all(np.asarray(logits[..., args.vocab_size:]) <= -1e29)
+
+
+def test_gpt2_init_statistics():
+  args = dataclasses.replace(SMALL, d_model=256, n_heads=4, d_head=64, d_ff=1024)
+  params, _ = init(args)
+  blocks = params["layers"]["block_0"]
+  np.testing.assert_allclose(np.std(blocks["mlp"]["fc"]["kernel"]), 0.02, rtol=0.05)
+  resid = 0.02 / np.sqrt(2 * args.n_layers)  # GPT-2: residual projections scaled by 1/sqrt(N)
+  np.testing.assert_allclose(np.std(blocks["mlp"]["proj"]["kernel"]), resid, rtol=0.05)
+  np.testing.assert_allclose(np.std(blocks["attn"]["out"]["kernel"]), resid, rtol=0.05)
+  assert np.all(blocks["ln_1"]["scale"] == 1) and np.all(blocks["attn"]["qkv"]["bias"] == 0)
+  # Each scanned layer gets its own initialisation.
+  assert not np.allclose(blocks["mlp"]["fc"]["kernel"][0], blocks["mlp"]["fc"]["kernel"][1])
+
+
+@pytest.mark.parametrize("attention", ["dense", "alternating"])
+def test_causality_by_gradient(attention):
+  """d logits[t] / d (position embedding t') is exactly zero for every t' > t."""
+  args = dataclasses.replace(SMALL, attention=attention, local_window=3)
+  params, tokens = init(args, length=12)
+  model = GPT(args)
+
+  def out_at(wpe, t):
+    p = dict(params, wpe={"embedding": wpe})
+    return model.apply({"params": p}, tokens)[:, t].sum()
+
+  for t in (0, 5, 11):
+    g = jax.grad(out_at)(params["wpe"]["embedding"], t)
+    norms = np.abs(np.asarray(g)).sum(-1)
+    assert np.all(norms[t + 1:] == 0.0), f"position {t} sees the future"
+    assert np.all(norms[: t + 1] > 0.0), f"position {t} ignores its past"
+
+
+def test_banded_layer_ignores_tokens_beyond_window():
+  window = 4
+  args = dataclasses.replace(SMALL, attention="alternating", local_window=window)
+  attn = Attention(args, window=window)
+  x = jax.random.normal(jax.random.key(0), (2, 12, args.d_model))
+  p = attn.init(jax.random.key(1), x, None, True)
+
+  for t in (2, 7, 11):
+    g = jax.grad(lambda x, t=t: attn.apply(p, x, None, True)[:, t].sum())(x)
+    norms = np.abs(np.asarray(g)).sum((0, 2))
+    seen = np.nonzero(norms)[0]
+    assert seen.min() == max(0, t - window + 1) and seen.max() == t
+
+
+def test_segment_ids_block_attention_across_documents():
+  params, tokens = init(SMALL)
+  segments = jnp.array([[0] * 6 + [1] * 10] * 3)
+  model = GPT(SMALL)
+  full = model.apply({"params": params}, tokens, segment_ids_BxL=segments)
+  # The second document alone, at the same positions, gives the same logits.
+  other = tokens.at[:, :6].set(0)
+  alone = model.apply({"params": params}, other, segment_ids_BxL=segments)
+  np.testing.assert_allclose(full[:, 6:], alone[:, 6:], atol=1e-5)
+  assert not np.allclose(full[:, 6:], model.apply({"params": params}, tokens)[:, 6:], atol=1e-3)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch", "qkv_attn"])
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_scan_and_remat_give_the_same_loss_and_grads(remat, scan_layers):
+  base = dataclasses.replace(SMALL, attention="alternating", local_window=5)
+  params, tokens = init(base)
+  variant = dataclasses.replace(base, remat=remat, scan_layers=scan_layers)
+  vparams = layout.convert(params, scan_layers, period=2)
+
+  def loss(p, args):
+    return cross_entropy(GPT(args).apply({"params": p}, tokens[:, :-1]), tokens[:, 1:])[0]
+
+  l0, g0 = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, base)
+  l1, g1 = jax.jit(jax.value_and_grad(loss), static_argnums=1)(vparams, variant)
+  np.testing.assert_allclose(l0, l1, rtol=1e-6)  # tolerance: fp32 reassociation only
+  g1 = layout.convert(g1, True, period=2)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), g0, g1)
+
+
+def test_jit_and_eager_agree():
+  params, tokens = init(SMALL)
+  model = GPT(SMALL)
+  eager = model.apply({"params": params}, tokens)
+  with jax.disable_jit():
+    no_jit = model.apply({"params": params}, tokens)
+  jitted = jax.jit(model.apply)({"params": params}, tokens)
+  np.testing.assert_allclose(eager, jitted, atol=1e-5)
+  np.testing.assert_allclose(no_jit, jitted, atol=1e-5)
+
+
+def test_dropout_is_seeded_and_off_when_deterministic():
+  args = dataclasses.replace(SMALL, embd_dropout=0.1, attn_dropout=0.1, resid_dropout=0.1)
+  params, tokens = init(args)
+  model = GPT(args)
+  run = lambda seed: model.apply({"params": params}, tokens, deterministic=False,
+                                 rngs={"dropout": jax.random.key(seed)})
+  np.testing.assert_array_equal(run(0), run(0))
+  assert not np.allclose(run(0), run(1))
+  # Deterministic mode equals the dropout-free model.
+  np.testing.assert_allclose(model.apply({"params": params}, tokens),
+                             GPT(SMALL).apply({"params": params}, tokens), atol=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+  args = dataclasses.replace(SMALL, dtype=jnp.bfloat16)
+  params, tokens = init(args)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+  logits = GPT(args).apply({"params": params}, tokens)
+  assert logits.dtype == jnp.float32
+  ref = GPT(SMALL).apply({"params": params}, tokens)
+  np.testing.assert_allclose(logits, ref, atol=0.1)  # bf16 keeps ~3 significant digits
+
+
+def test_parameters_carry_logical_axes():
+  args = dataclasses.replace(SMALL, tie_embeddings=False)
+  boxed = GPT(args).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  axes = nn.get_partition_spec(boxed)
+  assert tuple(axes["wte"]["embedding"]) == ("vocab", "embed")
+  assert tuple(axes["lm_head"]) == ("embed", "vocab")
+  block = axes["layers"]["block_0"]
+  assert tuple(block["attn"]["qkv"]["kernel"]) == ("layers", "embed", None, "heads", "kv")
+  assert tuple(block["attn"]["out"]["kernel"]) == ("layers", "heads", "kv", "embed")
+  assert tuple(block["mlp"]["fc"]["kernel"]) == ("layers", "embed", "mlp")
+  assert tuple(block["mlp"]["proj"]["kernel"]) == ("layers", "mlp", "embed")
+  assert tuple(block["ln_1"]["scale"]) == ("layers", "embed")
+
+
+def test_cross_entropy_matches_optax():
+  logits = jax.random.normal(jax.random.key(0), (2, 5, 11)) * 3
+  targets = jax.random.randint(jax.random.key(1), (2, 5), 0, 11)
+  weights = jnp.array([[1, 1, 0, 1, 1], [0, 1, 1, 1, 1]], jnp.float32)
+  loss, count = cross_entropy(logits, targets, weights)
+  ref = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  np.testing.assert_allclose(loss, (ref * weights).sum() / weights.sum(), rtol=1e-6)
+  assert count == 8
+  z = jax.nn.logsumexp(logits, -1)
+  zl, _ = cross_entropy(logits, targets, z_loss=1e-2)
+  np.testing.assert_allclose(zl, (ref + 1e-2 * z**2).mean(), rtol=1e-6)
