@@ -98,6 +98,29 @@ def _layer_norm(args: ModelArgs, name: str) -> nn.LayerNorm:
       bias_init=_zeros(("embed",)))
 
 
+class Linear(nn.Module):
+  """x[..., *in_shape] @ kernel[*in_shape, *out_shape] + bias[*out_shape], in the compute dtype.
+
+  Kernels are created at their full shape (not flattened), so their logical axes always apply.
+  """
+
+  in_shape: tuple[int, ...]
+  out_shape: tuple[int, ...]
+  axes: tuple[str | None, ...]  # logical axes of the kernel; the bias takes the output ones
+  std: float
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = self.param("kernel", _normal(self.std, self.axes), self.in_shape + self.out_shape,
+                        jnp.float32)
+    bias = self.param("bias", _zeros(self.axes[len(self.in_shape):]), self.out_shape, jnp.float32)
+    n_in = len(self.in_shape)
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    return y + bias.astype(self.dtype)
+
+
 class Attention(nn.Module):
   """Causal multi-head self-attention; `window` makes it locally banded (GPT-3 sparse layers)."""
 
@@ -108,10 +131,8 @@ class Attention(nn.Module):
   def __call__(self, x_BxLxD: Array, segment_ids_BxL: Array | None, deterministic: bool) -> Array:
     a = self.args
     resid_std = a.init_std / math.sqrt(2 * a.n_layers)
-    qkv_BxLx3xNxH = nn.DenseGeneral(
-        (3, a.n_heads, a.d_head), dtype=a.dtype, name="qkv",
-        kernel_init=_normal(a.init_std, ("embed", None, "heads", "kv")),
-        bias_init=_zeros((None, "heads", "kv")))(x_BxLxD)
+    qkv_BxLx3xNxH = Linear((a.d_model,), (3, a.n_heads, a.d_head), ("embed", None, "heads", "kv"),
+                           a.init_std, a.dtype, name="qkv")(x_BxLxD)
     qkv_BxLx3xNxH = checkpoint_name(qkv_BxLx3xNxH, "qkv")
     q_BxLxNxH, k_BxLxNxH, v_BxLxNxH = (
         nn.with_logical_constraint(qkv_BxLx3xNxH[:, :, i], ("batch", "length", "heads", "kv"))
@@ -133,10 +154,8 @@ class Attention(nn.Module):
           implementation=a.attention_impl)
     out_BxLxNxH = checkpoint_name(out_BxLxNxH, "attn_out")
     out_BxLxNxH = nn.with_logical_constraint(out_BxLxNxH, ("batch", "length", "heads", "kv"))
-    return nn.DenseGeneral(
-        a.d_model, axis=(-2, -1), dtype=a.dtype, name="out",
-        kernel_init=_normal(resid_std, ("heads", "kv", "embed")),
-        bias_init=_zeros(("embed",)))(out_BxLxNxH)
+    return Linear((a.n_heads, a.d_head), (a.d_model,), ("heads", "kv", "embed"), resid_std, a.dtype,
+                  name="out")(out_BxLxNxH)
 
 
 def _causal_mask(length: int, window: int | None, segment_ids_BxL: Array | None) -> Array:
@@ -159,14 +178,12 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxD: Array) -> Array:
     a = self.args
-    h_BxLxF = nn.Dense(a.d_ff, dtype=a.dtype, name="fc",
-                       kernel_init=_normal(a.init_std, ("embed", "mlp")),
-                       bias_init=_zeros(("mlp",)))(x_BxLxD)
+    h_BxLxF = Linear((a.d_model,), (a.d_ff,), ("embed", "mlp"), a.init_std, a.dtype,
+                     name="fc")(x_BxLxD)
     h_BxLxF = nn.with_logical_constraint(jax.nn.gelu(h_BxLxF, approximate=True),
                                          ("batch", "length", "mlp"))
-    return nn.Dense(a.d_model, dtype=a.dtype, name="proj",
-                    kernel_init=_normal(a.init_std / math.sqrt(2 * a.n_layers), ("mlp", "embed")),
-                    bias_init=_zeros(("embed",)))(h_BxLxF)
+    return Linear((a.d_ff,), (a.d_model,), ("mlp", "embed"), a.init_std / math.sqrt(2 * a.n_layers),
+                  a.dtype, name="proj")(h_BxLxF)
 
 
 class Block(nn.Module):
@@ -287,22 +304,3 @@ class GPT(nn.Module):
       deterministic: False enables dropout (needs a 'dropout' rng).
     """
     return self.logits(self.hidden(tokens_BxL, positions_BxL, segment_ids_BxL, deterministic))
-
-
-def cross_entropy(logits_BxLxV: Array, targets_BxL: Array, weights_BxL: Array | None = None,
-                  z_loss: float = 0.0) -> tuple[Array, Array]:
-  """Mean token cross-entropy in float32 (and the z-loss term added to it if z_loss > 0).
-
-  Returns:
-    (loss, number of weighted tokens).
-  """
-  logits_BxLxV = logits_BxLxV.astype(jnp.float32)
-  log_z_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
-  target_logit_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
-  nll_BxL = log_z_BxL - target_logit_BxL
-  if z_loss:
-    nll_BxL = nll_BxL + z_loss * jnp.square(log_z_BxL)
-  if weights_BxL is None:
-    weights_BxL = jnp.ones_like(nll_BxL)
-  count = weights_BxL.sum()
-  return (nll_BxL * weights_BxL).sum() / jnp.maximum(count, 1.0), count

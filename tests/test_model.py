@@ -10,7 +10,8 @@ import optax
 import pytest
 
 from gptjax import layout
-from gptjax.model import GPT, Attention, ModelArgs, cross_entropy
+from gptjax.loss import cross_entropy
+from gptjax.model import GPT, Attention, ModelArgs
 
 SMALL = ModelArgs(vocab_size=97, ctx=32, n_layers=4, d_model=48, n_heads=4, d_head=12, d_ff=192)
 

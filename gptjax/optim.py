@@ -1,0 +1,149 @@
+"""AdamW with a learning-rate schedule, clipping and a weight-decay mask, all from Optax.
+
+Lengths (warmup, decay, the run itself) may be given in steps or tokens; `RunPlan` turns tokens into
+steps, taking the GPT-3 batch-size ramp into account (the batch grows in whole micro-batches, so each
+distinct size compiles once).
+"""
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+
+from gptjax.config import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+  """How many micro-batches each step takes, and the run's length in steps.
+
+  Attributes:
+    seq_len: tokens per sequence.
+    micro_batch: sequences per forward/backward pass (all devices).
+    max_accum: micro-batches per step at the full global batch.
+    ramp: (first_step, accum) pairs, ascending; the last entry holds until the end.
+    total_steps: optimizer steps in the run.
+  """
+
+  seq_len: int
+  micro_batch: int
+  max_accum: int
+  ramp: tuple[tuple[int, int], ...]
+  total_steps: int
+
+  def accum(self, step: int) -> int:
+    """Micro-batches in optimizer step `step` (0-based)."""
+    k = self.ramp[0][1]
+    for first, a in self.ramp:
+      if step >= first:
+        k = a
+    return k
+
+  def tokens_before(self, step: int) -> int:
+    """Tokens consumed by steps [0, step)."""
+    total, tokens_per_micro = 0, self.micro_batch * self.seq_len
+    bounds = list(self.ramp) + [(step, 0)]
+    for (first, a), (nxt, _) in zip(bounds, bounds[1:]):
+      if first >= step:
+        break
+      total += (min(nxt, step) - first) * a * tokens_per_micro
+    return total
+
+  def steps_for_tokens(self, tokens: int) -> int:
+    """The first step count whose steps together consume at least `tokens`."""
+    per_full_step = self.max_accum * self.micro_batch * self.seq_len
+    ramp_end = self.ramp[-1][0]
+    before = self.tokens_before(ramp_end)
+    if tokens >= before:
+      return ramp_end + math.ceil((tokens - before) / per_full_step)
+    lo, hi = 0, ramp_end
+    while lo < hi:  # smallest s with tokens_before(s) >= tokens
+      mid = (lo + hi) // 2
+      lo, hi = (mid + 1, hi) if self.tokens_before(mid) < tokens else (lo, mid)
+    return lo
+
+
+def plan(cfg: ml_collections.ConfigDict) -> RunPlan:
+  """Resolves batch sizes, the GPT-3 ramp and the run length from the config."""
+  t, o = cfg.train, cfg.optim
+  seq_len = t.seq_len or cfg.model.ctx
+  micro = t.micro_batch or t.global_batch
+  max_accum = t.global_batch // micro
+  ramp = [(0, max_accum)]
+  if o.batch_ramp_tokens > 0 and max_accum > 1:
+    tokens_per_micro = micro * seq_len
+    start = max(1, min(max_accum, round(o.batch_ramp_start / tokens_per_micro)))
+    n = max(1, min(o.batch_ramp_buckets, max_accum - start + 1))
+    sizes = sorted({round(start + (max_accum - start) * i / max(n - 1, 1)) for i in range(n)})
+    # The batch grows linearly in tokens seen: size k is used from the point where the linear ramp
+    # reaches k micro-batches; steps until then use the previous size.
+    ramp, step, seen = [], 0, 0
+    for k, nxt in zip(sizes, sizes[1:] + [None]):
+      ramp.append((step, k))
+      if nxt is None:
+        break
+      target = o.batch_ramp_tokens * (nxt - start) / max(max_accum - start, 1)
+      n_steps = max(1, math.ceil((target - seen) / (k * tokens_per_micro)))
+      step, seen = step + n_steps, seen + n_steps * k * tokens_per_micro
+  provisional = RunPlan(seq_len, micro, max_accum, tuple(ramp), 0)
+  total = provisional.steps_for_tokens(t.tokens) if t.tokens > 0 else t.steps
+  return dataclasses.replace(provisional, total_steps=total)
+
+
+def schedule(cfg: ml_collections.ConfigDict, run: RunPlan) -> optax.Schedule:
+  """The learning rate as a function of the optimizer step."""
+  o = cfg.optim
+  warmup = run.steps_for_tokens(o.warmup_tokens) if o.warmup_tokens else o.warmup_steps
+  decay_end = (run.steps_for_tokens(o.decay_tokens) if o.decay_tokens
+               else o.decay_steps or run.total_steps)
+  if warmup >= run.total_steps:
+    raise ConfigError(
+        f"config.optim.warmup_steps: warmup of {warmup} steps is not shorter than the run "
+        f"({run.total_steps} steps). Shorten the warmup or lengthen train.steps/train.tokens.")
+  if decay_end <= warmup:
+    raise ConfigError(
+        f"config.optim.decay_steps: the decay ends at step {decay_end}, before warmup ends "
+        f"({warmup}). Set decay_steps/decay_tokens beyond the warmup (0 = end of run).")
+  peak, floor = o.peak_lr, o.peak_lr * o.final_lr_fraction
+  warm = optax.linear_schedule(0.0, peak, warmup) if warmup else optax.constant_schedule(peak)
+  span = decay_end - warmup
+  if o.schedule == "cosine":
+    main = optax.cosine_decay_schedule(peak, span, alpha=o.final_lr_fraction)
+  elif o.schedule == "linear":
+    main = optax.linear_schedule(peak, floor, span)
+  elif o.schedule == "constant":
+    main = optax.constant_schedule(peak)
+  elif o.schedule == "rsqrt":
+    w = max(warmup, 1)
+    main = lambda s: peak * jax.numpy.sqrt(w / (s + w))
+  else:  # 'wsd': warmup, hold the peak, then decay linearly over the last wsd_decay_fraction
+    cool = max(1, round(span * o.wsd_decay_fraction))
+    main = optax.join_schedules([optax.constant_schedule(peak),
+                                 optax.linear_schedule(peak, floor, cool)], [span - cool])
+  return optax.join_schedules([warm, main], [warmup])
+
+
+def decay_mask(params: Any, decay_embeddings: bool) -> Any:
+  """True for the leaves AdamW decays: matmul kernels (and embeddings if asked), never biases/LN."""
+
+  def decays(path, _):
+    names = [getattr(k, "key", str(k)) for k in path]
+    if names[-1] == "embedding":
+      return decay_embeddings
+    return names[-1] == "kernel" or names[0] == "lm_head"
+
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make(cfg: ml_collections.ConfigDict, run: RunPlan) -> tuple[optax.GradientTransformation,
+                                                                optax.Schedule]:
+  """Returns (AdamW with clipping and decay mask, its learning-rate schedule)."""
+  o = cfg.optim
+  lr = schedule(cfg, run)
+  adamw = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                      mask=lambda p: decay_mask(p, o.decay_embeddings))
+  tx = optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw) if o.clip_norm else adamw
+  return tx, lr

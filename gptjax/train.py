@@ -1,0 +1,172 @@
+"""The train state and the pure train / eval steps, and their jitted, sharded versions.
+
+    trainer = Trainer.build(cfg, mesh)            # shardings from jax.eval_shape + logical rules
+    state = trainer.init_state()                  # created already sharded, never on one device
+    state, metrics = trainer.step(state, batch)   # batch: {"inputs", "targets"} [accum, B, L]
+
+`train_step` and `eval_step` are plain functions of arrays; jit, shardings and donation are applied
+in `Trainer.build`, not inside them.
+"""
+
+import contextlib
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from gptjax import loss as loss_lib, optim, sharding
+from gptjax.model import GPT, ModelArgs
+
+Batch = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # optimizer steps taken (int32 scalar)
+  params: Any
+  opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """The static (hashable) settings a step is specialised on."""
+
+  seed: int
+  z_loss: float
+  dropout: bool  # any dropout rate > 0
+  vocab_parallel: bool  # use the shard_map cross-entropy (tensor axis > 1)
+
+
+def _loss_sum(params, micro: Batch, rng, model: GPT, sc: StepConfig, mesh: Mesh | None,
+              batch_axes) -> tuple[jax.Array, jax.Array]:
+  logits = model.apply({"params": params}, micro["inputs"],
+                       segment_ids_BxL=micro.get("segment_ids"), deterministic=not sc.dropout,
+                       rngs={"dropout": rng} if sc.dropout else None)
+  weights = micro.get("weights")
+  if sc.vocab_parallel:
+    return loss_lib.vocab_parallel_cross_entropy_sum(logits, micro["targets"], weights, sc.z_loss,
+                                                     mesh, batch_axes)
+  return loss_lib.cross_entropy_sum(logits, micro["targets"], weights, sc.z_loss)
+
+
+def train_step(state: TrainState, batch: Batch, *, model: GPT, tx: optax.GradientTransformation,
+               lr: optax.Schedule, sc: StepConfig, mesh: Mesh | None = None,
+               batch_axes=None) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on `batch` = [accum, B, L] arrays: accumulate, then update once.
+
+  Gradients of the token-loss sums are accumulated over the micro-batches and divided once by the
+  total token weight, so k micro-batches give exactly the step of one k-times larger batch.
+  """
+  rng = jax.random.fold_in(jax.random.key(sc.seed), state.step)
+  grad_fn = jax.value_and_grad(_loss_sum, has_aux=True)
+
+  def micro_step(carry, xs):
+    grads_acc, total_acc, count_acc = carry
+    micro, i = xs
+    (total, count), grads = grad_fn(state.params, micro, jax.random.fold_in(rng, i), model, sc,
+                                    mesh, batch_axes)
+    grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+    return (grads_acc, total_acc + total, count_acc + count), None
+
+  zeros = jax.tree.map(jnp.zeros_like, state.params)
+  accum = batch["inputs"].shape[0]
+  (grads, total, count), _ = jax.lax.scan(
+      micro_step, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
+      (batch, jnp.arange(accum)))
+  count = jnp.maximum(count, 1.0)
+  grads = jax.tree.map(lambda g: g / count, grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"loss": total / count, "grad_norm": optax.global_norm(grads), "lr": lr(state.step),
+             "tokens": count}
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params, batch: Batch, *, model: GPT, sc: StepConfig, mesh: Mesh | None = None,
+              batch_axes=None) -> dict[str, jax.Array]:
+  """Sum of token losses and token count on one [B, L] batch (no dropout)."""
+  sc = dataclasses.replace(sc, dropout=False, z_loss=0.0)
+  total, count = _loss_sum(params, batch, None, model, sc, mesh, batch_axes)
+  return {"loss_sum": total, "tokens": count}
+
+
+@dataclasses.dataclass
+class Trainer:
+  """A model, optimizer and mesh, with the jitted sharded functions built once."""
+
+  cfg: ml_collections.ConfigDict
+  mesh: Mesh
+  rules: tuple
+  model: GPT
+  tx: optax.GradientTransformation
+  lr: optax.Schedule
+  run: optim.RunPlan
+  state_shardings: Any
+  _step: Any = None
+  _eval: Any = None
+  _init: Any = None
+
+  @classmethod
+  def build(cls, cfg: ml_collections.ConfigDict, mesh: Mesh) -> "Trainer":
+    args = ModelArgs.from_config(cfg.model)
+    model = GPT(args)
+    run = optim.plan(cfg)
+    tx, lr = optim.make(cfg, run)
+    rules = sharding.rules(cfg.mesh.rules)
+    sc = StepConfig(seed=cfg.seed, z_loss=cfg.train.z_loss,
+                    dropout=max(args.embd_dropout, args.attn_dropout, args.resid_dropout) > 0,
+                    vocab_parallel=mesh.shape["tensor"] > 1)
+    seq_len = run.seq_len
+
+    def init_boxed(rng):
+      params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
+      return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      abstract = jax.eval_shape(init_boxed, jax.random.key(0))
+    state_shardings = sharding.logical_shardings(abstract, mesh, rules)
+    trainer = cls(cfg, mesh, rules, model, tx, lr, run, state_shardings)
+    batch_axes = sharding.batch_axes(rules)
+    micro_sh = sharding.batch_sharding(mesh, rules)
+    accum_sh = sharding.batch_sharding(mesh, rules, leading=1)
+    repl = sharding.replicated(mesh)
+
+    trainer._init = jax.jit(lambda rng: nn.meta.unbox(init_boxed(rng)),
+                            out_shardings=state_shardings)
+    trainer._step = jax.jit(
+        functools.partial(train_step, model=model, tx=tx, lr=lr, sc=sc, mesh=mesh,
+                          batch_axes=batch_axes),
+        in_shardings=(state_shardings, accum_sh), out_shardings=(state_shardings, repl),
+        donate_argnums=0)
+    trainer._eval = jax.jit(
+        functools.partial(eval_step, model=model, sc=sc, mesh=mesh, batch_axes=batch_axes),
+        in_shardings=(state_shardings.params, micro_sh), out_shardings=repl)
+    return trainer
+
+  def _ctx(self) -> contextlib.ExitStack:
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(self.mesh))
+    stack.enter_context(nn.logical_axis_rules(self.rules))
+    return stack
+
+  def init_state(self) -> TrainState:
+    with self._ctx():
+      return self._init(jax.random.key(self.cfg.seed))
+
+  def step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    with self._ctx():
+      return self._step(state, batch)
+
+  def eval(self, params, batch: Batch) -> dict[str, jax.Array]:
+    with self._ctx():
+      return self._eval(params, batch)
+
+  def batch_sharding(self, leading: int = 1):
+    return sharding.batch_sharding(self.mesh, self.rules, leading=leading)

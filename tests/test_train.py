@@ -1,0 +1,167 @@
+"""The sharded train step: equal losses under every mesh layout, exact accumulation, the optimizer."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import configs
+from gptjax import loss as loss_lib, optim, sharding, train
+from gptjax.config import ConfigError
+
+
+def small_cfg(data=1, fsdp=1, tensor=1, **train_overrides):
+  c = configs.load("tiny")
+  c.model.update(n_layers=2, d_model=64, n_heads=4, vocab_size=250, pad_vocab_to=128, ctx=32)
+  c.train.update({"global_batch": 16, "steps": 20, **train_overrides})
+  c.optim.update(warmup_steps=2, peak_lr=3e-3)
+  c.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
+  return c
+
+
+def batches(n, accum=1, micro=16, length=32, seed=0):
+  rng = np.random.default_rng(seed)
+  toks = rng.integers(0, 250, (n, accum, micro, length + 1)).astype(np.int32)
+  return [{"inputs": t[..., :-1], "targets": t[..., 1:]} for t in toks]
+
+
+def train_losses(cfg, data, devices):
+  trainer = train.Trainer.build(cfg, sharding.make_mesh(cfg.mesh, devices))
+  state = trainer.init_state()
+  losses = []
+  for b in data:
+    state, m = trainer.step(state, jax.device_put(b, trainer.batch_sharding()))
+    losses.append(float(m["loss"]))
+  return np.array(losses), state
+
+
+LAYOUTS = {"single": (1, 1, 1), "dp8": (8, 1, 1), "fsdp8": (1, 8, 1), "tp4_dp2": (2, 1, 4),
+           "fsdp2_tp4": (1, 2, 4)}
+
+
+def test_every_layout_gives_the_same_losses_and_shards_as_the_rules_say():
+  assert jax.device_count() == 8
+  data = batches(1) * 5  # one batch, five times: the loss must fall
+  ref, _ = train_losses(small_cfg(), data, jax.devices()[:1])
+  assert ref[-1] < ref[0] - 0.1
+  for name, (d, f, t) in LAYOUTS.items():
+    if name == "single":
+      continue
+    losses, state = train_losses(small_cfg(d, f, t), data, jax.devices())
+    np.testing.assert_allclose(losses, ref, rtol=1e-5, err_msg=name)
+    blk = state.params["layers"]["block_0"]
+    fc, qkv = blk["mlp"]["fc"]["kernel"], blk["attn"]["qkv"]["kernel"]
+    # Rules: embed -> fsdp, heads/mlp/vocab -> tensor; the stacked `layers` axis stays whole.
+    assert fc.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor"), name
+    assert qkv.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None, "tensor", None), name
+    wte = state.params["wte"]["embedding"]
+    expect = (wte.shape[0] // t, wte.shape[1] // f)
+    assert wte.addressable_shards[0].data.shape == expect, name
+    # Adam moments are sharded like their parameters (ZeRO-3 under FSDP).
+    mu = state.opt_state[1][0].mu["layers"]["block_0"]["mlp"]["fc"]["kernel"]
+    assert mu.sharding.spec == fc.sharding.spec, name
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+  big = batches(3, accum=1, micro=16)
+  split = [{k: v.reshape(4, 4, -1) for k, v in b.items()} for b in big]
+  ref, s_ref = train_losses(small_cfg(), big, jax.devices()[:1])
+  acc, s_acc = train_losses(small_cfg(micro_batch=4), split, jax.devices()[:1])
+  np.testing.assert_allclose(acc, ref, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), s_ref.params,
+               s_acc.params)
+
+
+def test_vocab_parallel_cross_entropy_equals_plain_and_never_gathers_logits():
+  mesh = sharding.make_mesh(small_cfg(2, 1, 4).mesh, jax.devices())
+  logits = jax.random.normal(jax.random.key(0), (8, 16, 512)) * 4
+  targets = jax.random.randint(jax.random.key(1), (8, 16), 0, 512)
+  weights = (jax.random.uniform(jax.random.key(2), (8, 16)) > 0.2).astype(jnp.float32)
+  shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"), None,
+                                                                      "tensor"))
+  logits = jax.device_put(logits, shard)
+
+  def plain(lg):
+    return loss_lib.cross_entropy_sum(lg, targets, weights, 1e-3)[0]
+
+  def parallel(lg):
+    return loss_lib.vocab_parallel_cross_entropy_sum(lg, targets, weights, 1e-3, mesh,
+                                                     ("data", "fsdp"))[0]
+
+  with jax.set_mesh(mesh):
+    v0, g0 = jax.jit(jax.value_and_grad(plain))(logits)
+    v1, g1 = jax.jit(jax.value_and_grad(parallel))(logits)
+    hlo = jax.jit(jax.value_and_grad(parallel)).lower(logits).compile().as_text()
+  np.testing.assert_allclose(v1, v0, rtol=1e-6)
+  np.testing.assert_allclose(g1, g0, atol=1e-6)
+  assert g1.sharding.spec == shard.spec
+  # Only [B, L] statistics cross devices: no all-gather of a [.., .., V] array.
+  gathers = [l for l in hlo.splitlines() if "all-gather" in l and "512]" in l]
+  assert not gathers, gathers
+
+
+def test_decay_mask_excludes_exactly_biases_layernorms_and_embeddings():
+  trainer = train.Trainer.build(small_cfg(), sharding.make_mesh(small_cfg().mesh, jax.devices()[:1]))
+  params = trainer.init_state().params
+  flat = jax.tree_util.tree_flatten_with_path(optim.decay_mask(params, decay_embeddings=False))[0]
+  decayed = {"/".join(getattr(k, "key", "") for k in p) for p, v in flat if v}
+  assert decayed == {"layers/block_0/attn/qkv/kernel", "layers/block_0/attn/out/kernel",
+                     "layers/block_0/mlp/fc/kernel", "layers/block_0/mlp/proj/kernel"}
+  flat = jax.tree_util.tree_flatten_with_path(optim.decay_mask(params, decay_embeddings=True))[0]
+  assert sum(v for _, v in flat) == 6  # + wte, wpe
+
+
+def test_schedule_hits_its_landmarks():
+  c = small_cfg()
+  c.train.steps = 100
+  c.optim.update(warmup_steps=10, peak_lr=1e-3, final_lr_fraction=0.1, schedule="cosine")
+  lr = optim.schedule(c, optim.plan(c))
+  assert float(lr(0)) == 0.0
+  assert float(lr(10)) == pytest.approx(1e-3)
+  assert float(lr(100)) == pytest.approx(1e-4)
+  assert float(lr(55)) == pytest.approx(1e-4 + 0.9e-3 * 0.5, rel=1e-5)  # halfway down the cosine
+  for name in ("linear", "constant", "rsqrt", "wsd"):
+    c.optim.schedule = name
+    lr = optim.schedule(c, optim.plan(c))
+    assert float(lr(10)) == pytest.approx(1e-3), name
+  c.optim.schedule = "wsd"
+  lr = optim.schedule(c, optim.plan(c))
+  assert float(lr(70)) == pytest.approx(1e-3) and float(lr(100)) == pytest.approx(1e-4)
+
+
+def test_warmup_and_decay_in_tokens_follow_the_batch_ramp():
+  c = small_cfg(micro_batch=2, steps=0, tokens=2_000_000)
+  c.train.global_batch = 16  # 8 micro-batches of 2 x 32 tokens at full size
+  c.optim.update(batch_ramp_tokens=50_000, batch_ramp_start=64, batch_ramp_buckets=4,
+                 warmup_tokens=20_000, warmup_steps=0)
+  plan = optim.plan(c)
+  sizes = [a for _, a in plan.ramp]
+  assert sizes == sorted(sizes) and sizes[0] == 1 and sizes[-1] == 8 and len(sizes) == 4
+  assert plan.tokens_before(plan.total_steps) >= 2_000_000 > plan.tokens_before(plan.total_steps - 1)
+  warm = plan.steps_for_tokens(20_000)
+  assert plan.tokens_before(warm) >= 20_000 > plan.tokens_before(warm - 1)
+
+
+def test_clipping_caps_the_global_norm():
+  c = small_cfg()
+  c.optim.update(clip_norm=0.5, weight_decay=0.0)
+  tx, _ = optim.make(c, optim.plan(c))
+  grads = {"w": jnp.full((10,), 3.0)}
+  clip = optax.clip_by_global_norm(0.5)
+  clipped, _ = clip.update(grads, clip.init(grads))
+  assert float(optax.global_norm(clipped)) == pytest.approx(0.5)
+  assert isinstance(tx, optax.GradientTransformation)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.optim.update(warmup_steps=50), r"optim\.warmup_steps: warmup of 50 steps"),
+    (lambda c: c.optim.update(decay_steps=1, warmup_steps=2), r"optim\.decay_steps"),
+])
+def test_bad_schedules_fail_before_compiling(edit, message):
+  c = small_cfg()
+  edit(c)
+  with pytest.raises(ConfigError, match=message):
+    train.Trainer.build(c, sharding.make_mesh(c.mesh, jax.devices()[:1]))
