@@ -26,9 +26,9 @@ $(VENV)/.dev: $(VENV)/.core
 setup: $(VENV)/.core
 setup-dev: $(VENV)/.dev
 
-# The main job (until the training loop lands: the preset table).
+# The main job: train the tiny preset on the embedded corpus (no download) on CPU, then sample.
 train: setup
-	$(BIN)/python scripts/presets.py
+	$(BIN)/python scripts/train.py --config=configs/tiny.py --workdir=$(WORKDIR)
 
 # The default test suite (fast; what CI runs).
 test: setup-dev

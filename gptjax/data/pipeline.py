@@ -1,0 +1,196 @@
+"""The input pipeline on Grain: token stream -> packed sequences -> batches -> this host's slice.
+
+A split's token stream (documents separated by EOS, from `cache.py`) is cut into consecutive,
+non-overlapping windows of `seq_len + 1` tokens, so documents pack across sequence boundaries as in
+GPT-3 and every token is used exactly once per epoch. Window i is random-access (a slice of a memory
+map), so Grain shuffles indices, not data: epoch e is a fresh permutation of the windows drawn from
+`seed`, and global batch k is elements [k * B, (k + 1) * B) of that endless shuffled sequence. The
+order therefore depends only on (seed, step), never on the number of hosts or workers; each host
+reads only its own contiguous slice of every global batch.
+
+    it = pipeline.make(cfg.data, tok, "train", seq_len=256, global_batch=16, seed=cfg.seed)
+    batch = next(it)  # {"inputs": int32[B_host, L], "targets": int32[B_host, L], ["segment_ids"]}
+    state = it.get_state()  # JSON-serialisable; a new iterator's set_state(state) resumes exactly
+"""
+
+from collections.abc import Mapping
+import functools
+import os
+
+from absl import flags
+import grain
+import jax
+import ml_collections
+import numpy as np
+
+from gptjax.data import cache
+from gptjax.data import sources
+from gptjax.data.errors import fail
+from gptjax.data.tokenizer import Tokenizer
+
+
+class PackedSequences:
+  """A Grain data source: window i = tokens[i * (L + 1) : (i + 1) * (L + 1)] of a `.npy` stream.
+
+  The tail shorter than one window is dropped. The file is memory-mapped lazily in each process, so
+  the source pickles cheaply to Grain's worker processes.
+  """
+
+  def __init__(self, path: str, seq_len: int):
+    self.path, self.window = path, seq_len + 1
+    self._tokens = None
+    self.num_tokens = int(np.load(path, mmap_mode="r").shape[0])
+
+  def __len__(self) -> int:
+    return self.num_tokens // self.window
+
+  def __getitem__(self, i: int) -> np.ndarray:
+    if self._tokens is None:
+      self._tokens = np.load(self.path, mmap_mode="r")
+    i = int(i)
+    return np.asarray(self._tokens[i * self.window:(i + 1) * self.window])
+
+  def __getstate__(self):
+    return {**self.__dict__, "_tokens": None}
+
+  def __repr__(self) -> str:
+    return f"PackedSequences({os.path.basename(self.path)}, {len(self)} x {self.window})"
+
+
+def to_example(windows_BxW: np.ndarray, *, eos_id: int, segment_ids: bool) -> dict[str, np.ndarray]:
+  """Splits windows of L + 1 tokens into next-token inputs and targets.
+
+  Args:
+    windows_BxW: token windows, W = L + 1.
+    eos_id: the end-of-document id.
+    segment_ids: also return document numbers within each sequence.
+
+  Returns:
+    `inputs` = windows[:, :-1] and `targets` = windows[:, 1:], int32 [B, L]; with `segment_ids`,
+    int32 [B, L] numbering the documents of each row from 1: position t is in document
+    1 + (EOS tokens before t), so an EOS belongs to the document it ends.
+  """
+  w = windows_BxW.astype(np.int32)
+  out = {"inputs": np.ascontiguousarray(w[:, :-1]), "targets": np.ascontiguousarray(w[:, 1:])}
+  if segment_ids:
+    is_eos = (out["inputs"] == eos_id).astype(np.int32)
+    out["segment_ids"] = 1 + np.cumsum(is_eos, axis=1, dtype=np.int32) - is_eos
+  return out
+
+
+def dataset(d: ml_collections.ConfigDict, tokenizer: Tokenizer, split: str, *, seq_len: int,
+            global_batch: int, seed: int = 0, num_batches: int | None = None,
+            process_index: int | None = None, process_count: int | None = None) -> grain.MapDataset:
+  """This host's batches as a random-access Grain dataset: element k is its part of step k.
+
+  Args:
+    d: the `data` section of the config.
+    tokenizer: the run's tokenizer (the token cache is built on first use).
+    split: 'train' (shuffled, endless) or 'val' (in order, endless unless `num_batches`).
+    seq_len: tokens per sequence (each window holds seq_len + 1).
+    global_batch: sequences per step over all hosts.
+    seed: shuffle seed ('train' only).
+    num_batches: if set, the dataset ends after this many steps (repeating a short split).
+    process_index: this host; default `jax.process_index()`.
+    process_count: hosts; default `jax.process_count()`.
+
+  Returns:
+    A `grain.MapDataset` of dicts (see `to_example`) with global_batch / process_count rows.
+
+  Raises:
+    DataError: the split holds less than one sequence, or the batch does not split over hosts.
+  """
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  if split not in (sources.TRAIN, sources.VAL):
+    raise ValueError(f"split must be {sources.TRAIN!r} or {sources.VAL!r}, got {split!r}")
+  if seq_len < 1 or global_batch < 1:
+    raise fail("train.seq_len", f"seq_len={seq_len} and global_batch={global_batch} must be >= 1",
+               "Set positive sizes.")
+  if global_batch % process_count or not 0 <= process_index < process_count:
+    raise fail("train.global_batch", f"{global_batch} sequences do not split evenly over "
+               f"{process_count} hosts (this is host {process_index})",
+               "Use a global batch divisible by the number of hosts.")
+  entry = cache.load_or_build(d, tokenizer)
+  windows = PackedSequences(entry.file(split), seq_len)
+  if not windows:
+    setting, fix = (("data.val_fraction", "Hold out more documents or use a shorter train.seq_len.")
+                    if split == sources.VAL else
+                    ("train.seq_len", "Use more training text or shorter sequences."))
+    raise fail(setting, f"the {split} split has {windows.num_tokens} tokens, less than one "
+               f"sequence of seq_len + 1 = {seq_len + 1}", fix)
+  per_host = global_batch // process_count
+  ds = grain.MapDataset.source(windows)
+  if split == sources.TRAIN:
+    ds = ds.shuffle(seed=seed)
+  ds = ds.repeat(None)  # endless; Grain reseeds the shuffle each epoch: a new permutation
+  # Global batch k = host batches k * P .. k * P + P - 1 of per_host rows: take this host's one.
+  ds = ds.batch(per_host, drop_remainder=True)
+  stop = num_batches * process_count if num_batches is not None else None
+  ds = ds.slice(slice(process_index, stop, process_count))
+  return ds.map(functools.partial(to_example, eos_id=tokenizer.eos_id,
+                                  segment_ids=d.document_mask))
+
+
+def make(d: ml_collections.ConfigDict, tokenizer: Tokenizer, split: str = sources.TRAIN, *,
+         seq_len: int, global_batch: int, seed: int, process_index: int | None = None,
+         process_count: int | None = None) -> grain.DatasetIterator:
+  """The checkpointable iterator over this host's batches, step after step.
+
+  Arguments are those of `dataset`. Batches are prepared `data.prefetch` ahead, in
+  `data.worker_count` Grain worker processes if > 0 (else in a thread of this process).
+
+  Returns:
+    A `grain.DatasetIterator`: `next(it)` gives the next batch; `it.get_state()` is a JSON-able
+    dict and `it.set_state(state)` on a fresh iterator with the same arguments resumes exactly
+    (without workers the state is `{'next_index': step}`).
+  """
+  ds = dataset(d, tokenizer, split, seq_len=seq_len, global_batch=global_batch, seed=seed,
+               process_index=process_index, process_count=process_count)
+  return iter(_prefetch(ds, d, workers=d.worker_count))
+
+
+def make_eval(d: ml_collections.ConfigDict, tokenizer: Tokenizer, *, seq_len: int,
+              global_batch: int, num_batches: int, process_index: int | None = None,
+              process_count: int | None = None) -> grain.IterDataset:
+  """The validation batches: the val split in order, `num_batches` steps (repeating if short).
+
+  Returns:
+    A `grain.IterDataset`; every `iter()` of it yields the same `num_batches` batches.
+  """
+  ds = dataset(d, tokenizer, sources.VAL, seq_len=seq_len, global_batch=global_batch,
+               num_batches=num_batches, process_index=process_index, process_count=process_count)
+  return _prefetch(ds, d, workers=0)  # workers would start anew on every pass
+
+
+def _prefetch(ds: grain.MapDataset, d: ml_collections.ConfigDict,
+              workers: int) -> grain.IterDataset:
+  """Reads `data.prefetch` batches ahead, in `workers` processes if > 0."""
+  if d.prefetch < 0 or d.worker_count < 0:
+    raise fail("data.prefetch", f"prefetch={d.prefetch} and worker_count={d.worker_count} must be"
+               " >= 0", "Use 0 to turn either off.")
+  # Windows are memory-mapped, so one reader thread keeps up; more would contend for the GIL.
+  read = grain.ReadOptions(num_threads=1 if d.prefetch else 0, prefetch_buffer_size=d.prefetch)
+  it = ds.to_iter_dataset(read)
+  if workers:
+    # Grain's workers read absl flags, which tests and notebooks never parse.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
+                                                     per_worker_buffer_size=max(d.prefetch, 1)))
+  return it
+
+
+def to_global(batch: Mapping[str, np.ndarray],
+              sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
+  """Assembles every host's batch into global arrays laid out by `sharding`.
+
+  Args:
+    batch: this host's batch, [B_host, L] per entry.
+    sharding: the global batch's sharding, e.g. `NamedSharding(mesh, P(("data", "fsdp")))`.
+
+  Returns:
+    The same keys as `jax.Array`s of shape [B_host * process_count, L].
+  """
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}

@@ -1,0 +1,24 @@
+"""Trains a GPT as the config says.
+
+  python scripts/train.py --config=configs/tiny.py --workdir=runs/tiny
+  python scripts/train.py --config=configs/gpt3.py:small --workdir=runs/x --config.optim.peak_lr=3e-4
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from gptjax import loop
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Preset file, e.g. configs/gpt3.py:small.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config, checkpoints, metrics, logs.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  loop.run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

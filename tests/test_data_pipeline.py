@@ -1,0 +1,184 @@
+"""The Grain pipeline: packing, order, resume, host slices, evaluation batches, global arrays."""
+
+import json
+import random
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+import pytest
+
+from configs import tiny
+from gptjax.data import cache, pipeline
+from gptjax.data import tokenizer as tokenizer_lib
+from gptjax.data.errors import DataError
+
+L, B = 16, 4  # sequence length and global batch of most tests
+WORDS = ("the of and to in is was for on that with as by it from at this be are an or not have "
+         "model token data cache stream batch grain jax device mesh shard loss step seed host "
+         "sequence document python code def return class import numpy array value").split()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("pipeline")
+  rng = random.Random(0)
+  with open(tmp / "docs.jsonl", "w", encoding="utf-8") as f:
+    for _ in range(160):
+      f.write(json.dumps({"text": " ".join(rng.choices(WORDS, k=rng.randint(3, 50)))}) + "\n")
+  d = tiny.get_config().data
+  d.source, d.paths, d.val_fraction = "files", str(tmp / "docs.jsonl"), 0.05
+  d.cache_dir, d.tokenizer.vocab_size = str(tmp / "cache"), 400
+  tok = tokenizer_lib.load_or_train(d, None)
+  return d, tok, cache.load_or_build(d, tok)
+
+
+def make(d, tok, split="train", **kw):
+  args = {"seq_len": L, "global_batch": B, "seed": 0, "process_index": 0, "process_count": 1, **kw}
+  return pipeline.make(d, tok, split, **args)
+
+
+def take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def windows(batch):
+  """The L + 1 token windows a batch was cut from."""
+  return np.concatenate([batch["inputs"], batch["targets"][:, -1:]], axis=1)
+
+
+def assert_same(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_an_epoch_uses_every_packed_window_exactly_once(setup):
+  d, tok, entry = setup
+  stream = np.asarray(entry.tokens("train"))
+  n = len(stream) // (L + 1)
+  expected = stream[:n * (L + 1)].reshape(n, L + 1).astype(np.int32)
+  assert (expected == tok.eos_id).sum() > n // 4  # documents pack across sequence boundaries
+  batches = take(make(d, tok), 2 * n // B + 2)
+  for b in batches:
+    assert set(b) == {"inputs", "targets"}
+    assert b["inputs"].shape == b["targets"].shape == (B, L) and b["inputs"].dtype == np.int32
+    np.testing.assert_array_equal(b["inputs"][:, 1:], b["targets"][:, :-1])
+  rows = np.concatenate([windows(b) for b in batches])
+  first, second = rows[:n], rows[n:2 * n]
+  for epoch in (first, second):  # a permutation of all windows: none lost, none repeated
+    np.testing.assert_array_equal(np.unique(epoch, axis=0), np.unique(expected, axis=0))
+    assert sorted(map(tuple, epoch)) == sorted(map(tuple, expected))
+  assert not np.array_equal(first, expected)  # shuffled
+  assert not np.array_equal(first, second)  # and reshuffled each epoch
+
+
+def test_segment_ids_number_documents_within_each_row(setup):
+  d, tok, _ = setup
+  d.document_mask = True
+  try:
+    batch = next(make(d, tok, seq_len=64))
+  finally:
+    d.document_mask = False
+  seg = batch["segment_ids"]
+  assert seg.shape == (B, 64) and seg.dtype == np.int32
+  for row, ids in zip(batch["inputs"], seg):
+    expected, doc = [], 1
+    for token in row:
+      expected.append(doc)
+      doc += token == tok.eos_id  # the token after an EOS starts the next document
+    assert ids.tolist() == expected
+  assert seg.max() > 1
+
+
+def test_same_seed_same_batches_other_seed_other_batches(setup):
+  d, tok, _ = setup
+  a, b, c = (take(make(d, tok, seed=s), 5) for s in (0, 0, 1))
+  assert_same(a, b)
+  assert not np.array_equal(a[0]["inputs"], c[0]["inputs"])
+  ds = pipeline.dataset(d, tok, "train", seq_len=L, global_batch=B, seed=0, process_index=0,
+                        process_count=1)
+  assert_same([ds[k] for k in range(5)], a)  # batch k depends only on (seed, k)
+
+
+def test_resume_from_state_continues_exactly(setup):
+  d, tok, _ = setup
+  uninterrupted = take(make(d, tok), 10)
+  it = make(d, tok)
+  take(it, 4)
+  state = json.loads(json.dumps(it.get_state()))
+  assert state == {"next_index": 4}
+  resumed = make(d, tok)
+  resumed.set_state(state)
+  assert_same(take(resumed, 6), uninterrupted[4:])
+
+
+@pytest.mark.parametrize("hosts", [2, 4])
+def test_hosts_take_disjoint_contiguous_slices_of_the_same_global_batch(setup, hosts):
+  d, tok, _ = setup
+  single = take(make(d, tok, global_batch=8), 6)
+  parts = [take(make(d, tok, global_batch=8, process_index=i, process_count=hosts), 6)
+           for i in range(hosts)]
+  for step, whole in enumerate(single):
+    for key in whole:
+      pieces = [p[step][key] for p in parts]
+      assert all(x.shape == (8 // hosts, L) for x in pieces)
+      np.testing.assert_array_equal(np.concatenate(pieces), whole[key])
+
+
+def test_eval_batches_are_the_val_split_in_order_repeating(setup):
+  d, tok, entry = setup
+  val = np.asarray(entry.tokens("val"))
+  n = len(val) // (L + 1)
+  num_batches = n // B + 3  # longer than the split: it repeats
+  ds = pipeline.make_eval(d, tok, seq_len=L, global_batch=B, num_batches=num_batches,
+                          process_index=0, process_count=1)
+  first, second = list(ds), list(ds)
+  assert len(first) == num_batches
+  assert_same(first, second)
+  rows = np.concatenate([windows(b) for b in first])
+  in_order = val[:n * (L + 1)].reshape(n, L + 1)
+  np.testing.assert_array_equal(rows[:n], in_order)
+  np.testing.assert_array_equal(rows[n:2 * n][:len(rows) - n], in_order[:len(rows) - n])
+  halves = [list(pipeline.make_eval(d, tok, seq_len=L, global_batch=B, num_batches=2,
+                                    process_index=i, process_count=2)) for i in range(2)]
+  np.testing.assert_array_equal(np.concatenate([h[1]["inputs"] for h in halves]),
+                                first[1]["inputs"])
+
+
+def test_worker_processes_give_the_same_batches_and_resume(setup):
+  d, tok, _ = setup
+  expected = take(make(d, tok), 8)
+  d.worker_count = 2
+  try:
+    it = make(d, tok)
+    assert_same(take(it, 4), expected[:4])
+    state = json.loads(json.dumps(it.get_state()))
+    resumed = make(d, tok)
+    resumed.set_state(state)
+    assert_same(take(resumed, 4), expected[4:])
+  finally:
+    d.worker_count = 0
+
+
+def test_to_global_assembles_a_sharded_global_batch(setup):
+  d, tok, _ = setup
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  sharding = NamedSharding(mesh, P("data"))
+  batch = next(make(d, tok, global_batch=2 * jax.device_count()))
+  arrays = pipeline.to_global(batch, sharding)
+  for key, value in batch.items():
+    assert arrays[key].sharding == sharding and arrays[key].shape == value.shape
+    np.testing.assert_array_equal(np.asarray(arrays[key]), value)
+
+
+def test_bad_sizes(setup):
+  d, tok, _ = setup
+  with pytest.raises(DataError, match="config.train.global_batch: 6 sequences do not split evenly "
+                     "over 4 hosts"):
+    make(d, tok, global_batch=6, process_count=4)
+  with pytest.raises(DataError, match="config.data.val_fraction: the val split has .* tokens, less "
+                     "than one sequence"):
+    make(d, tok, "val", seq_len=100_000)
