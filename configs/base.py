@@ -73,6 +73,16 @@ def get_config() -> ml_collections.ConfigDict:
   t.z_loss = 0.0  # weight of the z-loss (log Z)^2 that keeps the softmax normaliser near 1
   t.sample_tokens = 64  # tokens generated at the end of the run (0 = no samples)
   t.progress = True  # tqdm progress bar on process 0
+  t.nonfinite = "stop"  # NaN/inf loss or gradient: 'stop' (keep checkpoints, exit) or 'skip' the update
+  t.max_skips = 10  # 'skip': abort after this many consecutive non-finite steps
+
+  # ---- checkpoints (gptjax/checkpoint.py) --------------------------------------------------
+  ck = c.checkpoint = ml_collections.ConfigDict()
+  ck.save_every = 500  # steps between checkpoints (the end of the run is always saved; 0 = end only)
+  ck.keep = 3  # most recent checkpoints kept
+  ck.keep_best = 1  # also keep this many best by validation loss (0 = off)
+  ck.async_save = True  # write checkpoints in the background while training goes on
+  ck.restore_from = ""  # start from another run's weights (not its optimizer): its workdir
 
   # ---- optimizer (gptjax/optim.py) ----------------------------------------------------------
   o = c.optim = ml_collections.ConfigDict()

@@ -104,6 +104,11 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> No
   _check(t.steps >= 1 or t.tokens >= 1, "train.steps", "the run has no length",
          "Set train.steps or train.tokens.")
   _check(t.log_every >= 1, "train.log_every", "must be >= 1", "Fetch metrics every N >= 1 steps.")
+  _check(t.nonfinite in ("stop", "skip"), "train.nonfinite", f"unknown policy {t.nonfinite!r}",
+         "Use 'stop' or 'skip'.")
+  ck = cfg.checkpoint
+  _check(ck.save_every >= 0 and ck.keep >= 1 and ck.keep_best >= 0, "checkpoint.save_every/keep",
+         "save_every and keep_best must be >= 0 and keep >= 1", "Keep at least one checkpoint.")
   _check(o.peak_lr > 0, "optim.peak_lr", f"must be > 0, got {o.peak_lr}", "Set a positive rate.")
   _check(o.schedule in SCHEDULES, "optim.schedule", f"unknown schedule {o.schedule!r}",
          f"Choose one of {SCHEDULES}.")

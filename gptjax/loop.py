@@ -1,50 +1,93 @@
-"""The training loop: config -> tokenizer, data, mesh, sharded state -> steps, evals, metrics, samples.
+"""The training loop: config -> tokenizer, data, mesh, sharded state -> steps, evals, checkpoints.
 
     summary = loop.run(cfg, workdir="runs/x")
 
-Writes to the workdir: `config.json` (resolved), `tokenizer.model`, `metrics.jsonl`, TensorBoard
-events under `tb/`, `samples.txt`. Metrics leave the device every `train.log_every` steps only.
+Writes to the workdir: `config.json` (resolved), `tokenizer.model`, `checkpoints/`, `metrics.jsonl`,
+TensorBoard events under `tb/`, `samples.txt`. Started again on the same workdir it resumes from
+the latest complete checkpoint, exactly: same parameters, optimizer state and data position.
+Metrics leave the device every `train.log_every` steps only.
 """
 
+import json
+import math
 import os
+import signal
 import time
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from gptjax import accounting, config as config_lib, generate, metrics as metrics_lib, sharding
+from gptjax import accounting, checkpoint, config as config_lib, generate, metrics as metrics_lib
+from gptjax import sharding
+from gptjax.config import ConfigError
 from gptjax.data import pipeline, tokenizer as tokenizer_lib
 from gptjax.train import Trainer
 
 
+class NonFiniteError(RuntimeError):
+  """The loss or gradient norm became NaN/inf; checkpoints on disk were left as they were."""
+
+
 def device_peak_flops() -> float | None:
   """Peak bf16 FLOP/s of this process's device kind, if it is a known accelerator."""
-  kind = jax.devices()[0].device_kind.lower().replace(" ", "")
+  kind = jax.devices()[0].device_kind.lower().replace(" ", "").replace("-", "")
   for name, peak in accounting.PEAK_FLOPS.items():
-    if name.replace("-", "") in kind.replace("-", ""):
+    if name.replace("-", "") in kind:
       return peak
   return None
 
 
 def _log(msg: str) -> None:
   if jax.process_index() == 0:
-    print(msg, flush=True)
+    print(f"gptjax: {msg}", flush=True)
+
+
+def _check_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses a workdir that holds a run of another model, or that cannot be written."""
+  saved = os.path.join(workdir, "config.json")
+  if os.path.exists(saved):
+    with open(saved, encoding="utf-8") as f:
+      old = json.load(f)["model"]
+    new = json.loads(cfg.model.to_json_best_effort())
+    diff = sorted(k for k in new if k != "vocab_size" and old.get(k) != new[k])
+    if diff and os.path.isdir(os.path.join(workdir, "checkpoints")):
+      raise ConfigError(
+          f"workdir {workdir!r} holds a run of a different model (model.{', model.'.join(diff)}: "
+          f"{[old.get(k) for k in diff]} there, {[new[k] for k in diff]} now), so it cannot resume."
+          " Use a new --workdir, or checkpoint.restore_from to start from its weights.")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_test")
+    with open(probe, "w", encoding="utf-8") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError(f"workdir {workdir!r} is not writable ({e.strerror}). Choose a directory you "
+                      "can write to with --workdir.") from e
 
 
 def prepare(cfg: ml_collections.ConfigDict, workdir: str, devices=None):
-  """Validates the config, makes the workdir, resolves the tokenizer. Returns (tokenizer, mesh)."""
+  """Validates everything that can be checked early. Returns (tokenizer, mesh)."""
   devices = jax.devices() if devices is None else devices
   config_lib.validate(cfg, n_devices=len(devices))
-  os.makedirs(workdir, exist_ok=True)
+  _check_workdir(cfg, workdir)
+  if cfg.checkpoint.restore_from and not os.path.isdir(cfg.checkpoint.restore_from):
+    raise ConfigError(f"config.checkpoint.restore_from: {cfg.checkpoint.restore_from!r} does not "
+                      "exist. Point it at a gptjax run's workdir.")
   tokenizer = tokenizer_lib.load_or_train(cfg.data, workdir)
   cfg.model.vocab_size = tokenizer.vocab_size
+  return tokenizer, sharding.make_mesh(cfg.mesh, devices)
+
+
+def write_config(cfg: ml_collections.ConfigDict, workdir: str) -> None:
+  """Records the resolved config as `config.json` (process 0)."""
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
       f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
-  return tokenizer, sharding.make_mesh(cfg.mesh, devices)
 
 
 def evaluate(trainer: Trainer, params, eval_ds) -> float:
@@ -55,83 +98,167 @@ def evaluate(trainer: Trainer, params, eval_ds) -> float:
   return float(sum(t["loss_sum"] for t in totals) / max(sum(t["tokens"] for t in totals), 1.0))
 
 
+class _StopSignal:
+  """SIGTERM, or a first SIGINT, asks the loop to checkpoint and stop; a second SIGINT aborts."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread (e.g. a notebook worker): no handlers
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.requested = True
+    _log(f"received {signal.Signals(signum).name}: saving a checkpoint after this step, then "
+         "stopping (press Ctrl-C again to abort)")
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+  def agreed(self) -> bool:
+    """True on every process if any process was asked to stop."""
+    if jax.process_count() == 1:
+      return self.requested
+    return bool(multihost_utils.process_allgather(np.array(self.requested)).any())
+
+
 def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str, Any]:
-  """Trains as the config says. Returns a summary (final train/val loss, tokens/s, steps)."""
+  """Trains (or resumes) as the config says. Returns a summary of the run."""
   tokenizer, mesh = prepare(cfg, workdir, devices)
   trainer = Trainer.build(cfg, mesh)
-  plan, t = trainer.run, cfg.train
+  plan, t, ck = trainer.run, cfg.train, cfg.checkpoint
   args = trainer.model.args
   counts = accounting.param_counts(args)
-  flops_token = accounting.flops_per_token(args, plan.seq_len)
-  peak = device_peak_flops()
-  _log(f"gptjax: {cfg.name}, {counts.total:,} params, mesh {dict(mesh.shape)}, "
-       f"{plan.total_steps} steps of {plan.max_accum * plan.micro_batch} x {plan.seq_len} tokens")
-
-  state = trainer.init_state()
+  flops_token, peak = accounting.flops_per_token(args, plan.seq_len), device_peak_flops()
   train_it = pipeline.make(cfg.data, tokenizer, "train", seq_len=plan.seq_len,
                            global_batch=plan.micro_batch, seed=cfg.seed)
   eval_ds = pipeline.make_eval(cfg.data, tokenizer, seq_len=plan.seq_len,
                                global_batch=plan.micro_batch, num_batches=t.eval_batches)
+  ckpt = checkpoint.Checkpointer(workdir, ck)
+  restored = ckpt.restore_latest(trainer.abstract_state)
+  if restored:
+    state, meta = restored
+    train_it.set_state(meta["data"])
+    _log(f"resuming from the checkpoint at step {meta['step']} ({meta['tokens']:,} tokens seen)")
+  else:
+    state = trainer.init_state()
+    if ck.restore_from:
+      abstract = trainer.abstract_state.params
+      state = state.replace(params=checkpoint.restore_params(ck.restore_from, abstract))
+      _log(f"starting from the weights of {ck.restore_from} (fresh optimizer state)")
+  write_config(cfg, workdir)  # only now: every check above passed
+  _log(f"{cfg.name}, {counts.total:,} params, mesh {dict(mesh.shape)}, {plan.total_steps} steps "
+       f"of {plan.max_accum * plan.micro_batch} x {plan.seq_len} tokens")
+
   writer = metrics_lib.MetricsWriter(workdir)
   batch_sh = trainer.batch_sharding(leading=1)
+  pending, summary = [], {"preempted": False}
+  start = int(state.step)
+  tokens_seen = plan.tokens_before(start)
+  last_time, last_tokens, compile_s, skips, val_loss = time.perf_counter(), tokens_seen, None, 0, None
 
-  pending, summary = [], {}
-  tokens_seen = plan.tokens_before(int(state.step))
-  last_time, last_tokens, compile_s = time.perf_counter(), tokens_seen, None
-  steps = range(int(state.step), plan.total_steps)
-  bar = tqdm(steps, disable=not (t.progress and jax.process_index() == 0), unit="step",
-             dynamic_ncols=True)
-  for step in bar:
-    micro = [next(train_it) for _ in range(plan.accum(step))]
-    host = {k: np.stack([m[k] for m in micro]) for k in micro[0]}
-    state, step_metrics = trainer.step(state, pipeline.to_global(host, batch_sh))
-    pending.append(step_metrics)
-    if compile_s is None:  # the first step compiles; time it apart from throughput
-      jax.block_until_ready(step_metrics)
-      compile_s = time.perf_counter() - last_time
-      last_time = time.perf_counter()
-      last_tokens = tokens_seen + len(micro) * plan.micro_batch * plan.seq_len
-    tokens_seen += len(micro) * plan.micro_batch * plan.seq_len
-    done = step + 1
-    is_last = done == plan.total_steps
-    row = {}
-    if t.eval_every and done % t.eval_every == 0 or is_last:
-      row["val_loss"] = summary["val_loss"] = evaluate(trainer, state.params, eval_ds)
-    if done % t.log_every == 0 or is_last or row:
-      fetched = jax.device_get(pending)
-      pending = []
-      now = time.perf_counter()
-      tok_s = (tokens_seen - last_tokens) / max(now - last_time, 1e-9)
-      last_time, last_tokens = now, tokens_seen
-      row.update(loss=float(fetched[-1]["loss"]),
-                 loss_avg=float(np.mean([f["loss"] for f in fetched])),
-                 lr=float(fetched[-1]["lr"]), grad_norm=float(fetched[-1]["grad_norm"]),
-                 tokens=tokens_seen, tokens_per_s=tok_s,
-                 step_time_s=plan.accum(step) * plan.micro_batch * plan.seq_len / max(tok_s, 1e-9),
-                 mfu=accounting.mfu(tok_s, flops_token, peak, jax.device_count()) if peak else None)
-      if compile_s is not None and "compile_s" not in summary:
-        row["compile_s"] = summary["compile_s"] = compile_s
-      writer.write(done, row)
-      summary.update(loss=row["loss"], tokens_per_s=tok_s)
-      bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tok_s:,.0f}",
-                      **({"val": f"{row['val_loss']:.3f}"} if "val_loss" in row else {}))
-  bar.close()
-  writer.close()
-  summary.update(steps=plan.total_steps, tokens=tokens_seen, params=counts.total)
-  if t.sample_tokens:
+  def save(step: int) -> None:
+    ckpt.save(step, state, {"step": step, "tokens": tokens_seen, "data": train_it.get_state()},
+              val_loss)
+
+  bar = tqdm(range(start, plan.total_steps), initial=start, total=plan.total_steps, unit="step",
+             disable=not (t.progress and jax.process_index() == 0), dynamic_ncols=True)
+  try:
+    with _StopSignal() as stop:
+      for step in bar:
+        micro = [next(train_it) for _ in range(plan.accum(step))]
+        host = {k: np.stack([m[k] for m in micro]) for k in micro[0]}
+        state, step_metrics = trainer.step(state, pipeline.to_global(host, batch_sh))
+        pending.append(step_metrics)
+        tokens_seen += len(micro) * plan.micro_batch * plan.seq_len
+        if compile_s is None:  # the first step compiles; time it apart from throughput
+          jax.block_until_ready(step_metrics)
+          compile_s = time.perf_counter() - last_time
+          last_time, last_tokens = time.perf_counter(), tokens_seen
+        done = step + 1
+        is_last, preempted = done == plan.total_steps, stop.agreed()
+        is_save = is_last or preempted or (ck.save_every and done % ck.save_every == 0)
+        row = {}
+        if t.eval_every and done % t.eval_every == 0 or is_last:
+          row["val_loss"] = val_loss = summary["val_loss"] = evaluate(trainer, state.params, eval_ds)
+        if done % t.log_every == 0 or is_last or row or is_save:
+          fetched = jax.device_get(pending)
+          pending = []
+          skips = _check_finite(fetched, done, t, skips)
+          now = time.perf_counter()
+          tok_s = (tokens_seen - last_tokens) / max(now - last_time, 1e-9)
+          last_time, last_tokens = now, tokens_seen
+          row.update(loss=float(fetched[-1]["loss"]),
+                     loss_avg=float(np.mean([f["loss"] for f in fetched])),
+                     lr=float(fetched[-1]["lr"]), grad_norm=float(fetched[-1]["grad_norm"]),
+                     tokens=tokens_seen, tokens_per_s=tok_s,
+                     step_time_s=plan.accum(step) * plan.micro_batch * plan.seq_len / max(tok_s, 1e-9),
+                     mfu=accounting.mfu(tok_s, flops_token, peak, jax.device_count()) if peak else None)
+          if "compile_s" not in summary:
+            row["compile_s"] = summary["compile_s"] = compile_s
+          writer.write(done, row)
+          summary.update(loss=row["loss"], tokens_per_s=tok_s)
+          bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tok_s:,.0f}",
+                          **({"val": f"{val_loss:.3f}"} if val_loss is not None else {}))
+        if is_save:
+          save(done)
+        if preempted and not is_last:
+          summary["preempted"] = True
+          bar.close()
+          _log(f"stopped at step {done}; checkpoint saved. Run the same command to resume.")
+          break
+  finally:  # whatever happens, finish the checkpoint writes already started
+    bar.close()
+    ckpt.close()
+    writer.close()
+  summary.update(steps=int(state.step), tokens=tokens_seen, params=counts.total)
+  if t.sample_tokens and not summary["preempted"]:
     summary["samples"] = write_samples(trainer, state.params, tokenizer, workdir, t.sample_tokens,
                                        cfg.seed)
-  _log(f"gptjax: done. val loss {summary.get('val_loss', float('nan')):.4f}; outputs in {workdir}"
-       f" (metrics.jsonl, tb/, config.json, tokenizer.model, samples.txt)")
+  if start == plan.total_steps:
+    _log(f"the run in {workdir} had already finished ({start} steps); nothing to do")
+  elif not summary["preempted"]:
+    _log(f"done. val loss {summary.get('val_loss', float('nan')):.4f}; outputs in {workdir} "
+         "(config.json, checkpoints/, metrics.jsonl, tb/, tokenizer.model, samples.txt)")
   return summary
+
+
+def _check_finite(fetched: list[dict[str, Any]], done: int, t: ml_collections.ConfigDict,
+                  skips: int) -> int:
+  """Applies the non-finite policy to the steps just fetched; returns consecutive skips so far."""
+  first = done - len(fetched) + 1
+  for i, f in enumerate(fetched):
+    if math.isfinite(f["loss"]) and math.isfinite(f["grad_norm"]):
+      skips = 0
+      continue
+    if t.nonfinite == "stop":
+      raise NonFiniteError(
+          f"loss {f['loss']} / grad norm {f['grad_norm']} at step {first + i}: training stopped "
+          "and the checkpoints on disk were left untouched. Lower optim.peak_lr, raise warmup, "
+          "or set train.nonfinite='skip' to drop such updates.")
+    skips += 1
+    _log(f"WARNING: non-finite loss at step {first + i}: update skipped ({skips} in a row)")
+    if skips >= t.max_skips:
+      raise NonFiniteError(f"{skips} consecutive non-finite steps (train.max_skips={t.max_skips})"
+                           "; stopping with the checkpoints on disk untouched.")
+  return skips
 
 
 def write_samples(trainer: Trainer, params, tokenizer, workdir: str, n_tokens: int,
                   seed: int) -> list[str]:
   """Samples a continuation of a few fixed prompts; prints them and writes `samples.txt`."""
-  prompts = ["The ", "def "]
   texts = []
-  for i, prompt in enumerate(prompts):
+  for i, prompt in enumerate(["The ", "def "]):
     ids = tokenizer.encode(prompt)
     new = generate.sample(trainer.model, jax.device_get(params), [ids], n_tokens, seed=seed + i)[0]
     texts.append(tokenizer.decode(list(ids) + list(new)))
@@ -141,4 +268,3 @@ def write_samples(trainer: Trainer, params, tokenizer, workdir: str, n_tokens: i
     for text in texts:
       print(f"--- sample ---\n{text}\n", flush=True)
   return texts
-

@@ -146,4 +146,6 @@ def make(cfg: ml_collections.ConfigDict, run: RunPlan) -> tuple[optax.GradientTr
   adamw = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                       mask=lambda p: decay_mask(p, o.decay_embeddings))
   tx = optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw) if o.clip_norm else adamw
+  if cfg.train.nonfinite == "skip":  # drop updates whose gradients hold NaN/inf
+    tx = optax.apply_if_finite(tx, max_consecutive_errors=cfg.train.max_skips)
   return tx, lr

@@ -109,6 +109,7 @@ class Trainer:
   lr: optax.Schedule
   run: optim.RunPlan
   state_shardings: Any
+  abstract_state: Any = None  # ShapeDtypeStructs with shardings: the target of a restore
   _step: Any = None
   _eval: Any = None
   _init: Any = None
@@ -132,7 +133,10 @@ class Trainer:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       abstract = jax.eval_shape(init_boxed, jax.random.key(0))
     state_shardings = sharding.logical_shardings(abstract, mesh, rules)
-    trainer = cls(cfg, mesh, rules, model, tx, lr, run, state_shardings)
+    abstract_state = jax.tree.map(
+        lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+        nn.meta.unbox(abstract), state_shardings)
+    trainer = cls(cfg, mesh, rules, model, tx, lr, run, state_shardings, abstract_state)
     batch_axes = sharding.batch_axes(rules)
     micro_sh = sharding.batch_sharding(mesh, rules)
     accum_sh = sharding.batch_sharding(mesh, rules, leading=1)
