@@ -4,7 +4,7 @@
   python scripts/train.py --config=configs/gpt3.py:small --workdir=runs/x --config.optim.peak_lr=3e-4
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from gptjax import loop
@@ -17,6 +17,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
+  if not flags.FLAGS["verbosity"].present:  # keep the terminal for the progress bar and results
+    logging.set_verbosity(logging.WARNING)
   loop.run(_CONFIG.value, _WORKDIR.value)
 
 

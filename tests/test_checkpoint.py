@@ -206,3 +206,25 @@ def test_unwritable_workdir_is_a_clear_error(tmp_path):
   blocker.write_text("not a directory")
   with pytest.raises(ConfigError, match="is not writable"):
     loop.run(ckpt_cfg(tmp_path), str(blocker / "run"), devices=jax.devices()[:1])
+
+
+def test_restore_from_starts_from_another_runs_weights_with_a_fresh_optimizer(finished_run,
+                                                                             tmp_path):
+  tmp, source = finished_run
+  cfg = ckpt_cfg(tmp)
+  cfg.train.steps = 3
+  cfg.checkpoint.restore_from = source
+  workdir = str(tmp_path / "warm")
+  with open(os.path.join(source, "config.json"), encoding="utf-8") as f:
+    src_cfg_vocab = json.load(f)["model"]["vocab_size"]
+  cfg.model.vocab_size = src_cfg_vocab
+  trainer = Trainer.build(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
+  src_params, _ = latest_params(ckpt_cfg(tmp), source)
+  params = checkpoint.restore_params(source, trainer.abstract_state.params)
+  jax.tree.map(np.testing.assert_array_equal, params, src_params)
+  cfg.train.steps = 2
+  cfg.optim.warmup_steps = 1
+  summary = loop.run(cfg, workdir, devices=jax.devices()[:1])
+  assert summary["steps"] == 2  # a new run (steps 0 -> 2), not a resume of the source's step 3
+  with pytest.raises(ConfigError, match="holds no checkpoint"):
+    checkpoint.restore_params(str(tmp_path), trainer.abstract_state.params)
