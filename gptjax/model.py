@@ -138,13 +138,15 @@ class Attention(nn.Module):
         nn.with_logical_constraint(qkv_BxLx3xNxH[:, :, i], ("batch", "length", "heads", "kv"))
         for i in range(3))
 
+    length = x_BxLxD.shape[1]
     if a.attn_dropout > 0.0 and not deterministic:
       # jax.nn.dot_product_attention has no dropout; the Flax reference path does.
-      mask = _causal_mask(x_BxLxD.shape[1], self.window, segment_ids_BxL)
       out_BxLxNxH = nn.dot_product_attention(
-          q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, mask=mask, dropout_rate=a.attn_dropout,
-          dropout_rng=self.make_rng("dropout"), deterministic=False, dtype=a.dtype)
-    else:
+          q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, mask=_causal_mask(length, self.window, segment_ids_BxL),
+          dropout_rate=a.attn_dropout, dropout_rng=self.make_rng("dropout"), deterministic=False,
+          dtype=a.dtype)
+    elif a.attention_impl == "cudnn" or (a.attention_impl is None
+                                         and jax.default_backend() == "gpu"):
       mask = None
       if segment_ids_BxL is not None:
         mask = (segment_ids_BxL[:, None, :, None] == segment_ids_BxL[:, None, None, :])
@@ -152,10 +154,49 @@ class Attention(nn.Module):
           q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, mask=mask, is_causal=True,
           local_window_size=None if self.window is None else (self.window - 1, 0),
           implementation=a.attention_impl)
+    else:
+      out_BxLxNxH = _xla_attention(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH,
+                                   _causal_mask(length, self.window, segment_ids_BxL))
     out_BxLxNxH = checkpoint_name(out_BxLxNxH, "attn_out")
     out_BxLxNxH = nn.with_logical_constraint(out_BxLxNxH, ("batch", "length", "heads", "kv"))
     return Linear((a.n_heads, a.d_head), (a.d_model,), ("heads", "kv", "embed"), resid_std, a.dtype,
                   name="out")(out_BxLxNxH)
+
+
+@jax.custom_vjp
+def _softmax(x: Array) -> Array:
+  """jax.nn.softmax over the last axis, whose backward pass keeps only the output.
+
+  (Differentiating jax.nn.softmax keeps the exponentials as well: one more [B, N, L, L] array per
+  layer held from the forward to the backward pass.)
+  """
+  return jax.nn.softmax(x, axis=-1)
+
+
+def _softmax_fwd(x):
+  y = jax.nn.softmax(x, axis=-1)
+  return y, y
+
+
+def _softmax_bwd(y, dy):
+  return (y * (dy - (dy * y).sum(-1, keepdims=True)),)
+
+
+_softmax.defvjp(_softmax_fwd, _softmax_bwd)
+
+
+def _xla_attention(q_BxLxNxH: Array, k_BxLxNxH: Array, v_BxLxNxH: Array, mask: Array) -> Array:
+  """softmax(q k^T / sqrt(H), masked) v, scores and softmax in float32, compiled by XLA.
+
+  The same math as jax.nn.dot_product_attention's XLA path, with a softmax that keeps only the
+  probabilities for the backward pass.
+  """
+  scores_BxNxLxL = jnp.einsum("bqnh,bknh->bnqk", q_BxLxNxH, k_BxLxNxH,
+                              preferred_element_type=jnp.float32)
+  scores_BxNxLxL = jnp.where(mask, scores_BxNxLxL / math.sqrt(q_BxLxNxH.shape[-1]),
+                             jnp.finfo(jnp.float32).min)
+  probs_BxNxLxL = _softmax(scores_BxNxLxL).astype(v_BxLxNxH.dtype)
+  return jnp.einsum("bnqk,bknh->bqnh", probs_BxNxLxL, v_BxLxNxH)
 
 
 def _causal_mask(length: int, window: int | None, segment_ids_BxL: Array | None) -> Array:
@@ -180,10 +221,21 @@ class MLP(nn.Module):
     a = self.args
     h_BxLxF = Linear((a.d_model,), (a.d_ff,), ("embed", "mlp"), a.init_std, a.dtype,
                      name="fc")(x_BxLxD)
-    h_BxLxF = nn.with_logical_constraint(jax.nn.gelu(h_BxLxF, approximate=True),
-                                         ("batch", "length", "mlp"))
-    return Linear((a.d_ff,), (a.d_model,), ("mlp", "embed"), a.init_std / math.sqrt(2 * a.n_layers),
-                  a.dtype, name="proj")(h_BxLxF)
+    h_BxLxF = nn.with_logical_constraint(h_BxLxF, ("batch", "length", "mlp"))
+    # GELU and the projection after it are rematerialised together: the backward pass recomputes
+    # gelu(h) from h, so each layer keeps one [B, L, F] array for it instead of five (h, the GELU
+    # output and three intermediates of its tanh formula).
+    proj = nn.remat(_GeluLinear, prevent_cse=not a.scan_layers)
+    return proj((a.d_ff,), (a.d_model,), ("mlp", "embed"), a.init_std / math.sqrt(2 * a.n_layers),
+                a.dtype, name="proj")(h_BxLxF)
+
+
+class _GeluLinear(Linear):
+  """`Linear` applied to gelu(x) (tanh approximation, as in GPT-1/2)."""
+
+  def __call__(self, h_BxLxF: Array) -> Array:
+    return super().__call__(nn.with_logical_constraint(jax.nn.gelu(h_BxLxF, approximate=True),
+                                                       ("batch", "length", "mlp")))
 
 
 class Block(nn.Module):
@@ -283,11 +335,16 @@ class GPT(nn.Module):
       x_BxLxD = self.ln_f(x_BxLxD)
     return x_BxLxD
 
+  def output_embedding(self) -> Array:
+    """The output projection as [V_padded, D] in the compute dtype (the token embedding if tied)."""
+    a = self.args
+    w_VxD = self.wte.embedding if a.tie_embeddings else self.lm_head.T
+    return w_VxD.astype(a.dtype)
+
   def logits(self, x_BxLxD: Array) -> Array:
     """Projects hidden states to float32 logits [B, L, V_padded]; padded ids get -1e30."""
     a = self.args
-    w_DxV = self.wte.embedding.T if a.tie_embeddings else self.lm_head
-    logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD.astype(a.dtype), w_DxV.astype(a.dtype),
+    logits_BxLxV = jnp.einsum("bld,vd->blv", x_BxLxD.astype(a.dtype), self.output_embedding(),
                               preferred_element_type=jnp.float32)
     if a.padded_vocab != a.vocab_size:
       logits_BxLxV = jnp.where(jnp.arange(a.padded_vocab) < a.vocab_size, logits_BxLxV, -1e30)

@@ -44,16 +44,26 @@ class StepConfig:
   vocab_parallel: bool  # use the shard_map cross-entropy (tensor axis > 1)
 
 
+def _hidden_and_output_embedding(model: GPT, tokens_BxL, segment_ids_BxL, deterministic):
+  return (model.hidden(tokens_BxL, segment_ids_BxL=segment_ids_BxL, deterministic=deterministic),
+          model.output_embedding())
+
+
 def _loss_sum(params, micro: Batch, rng, model: GPT, sc: StepConfig, mesh: Mesh | None,
               batch_axes) -> tuple[jax.Array, jax.Array]:
-  logits = model.apply({"params": params}, micro["inputs"],
-                       segment_ids_BxL=micro.get("segment_ids"), deterministic=not sc.dropout,
-                       rngs={"dropout": rng} if sc.dropout else None)
-  weights = micro.get("weights")
+  variables, rngs = {"params": params}, {"dropout": rng} if sc.dropout else None
+  segment_ids, weights = micro.get("segment_ids"), micro.get("weights")
   if sc.vocab_parallel:
+    logits = model.apply(variables, micro["inputs"], segment_ids_BxL=segment_ids,
+                         deterministic=not sc.dropout, rngs=rngs)
     return loss_lib.vocab_parallel_cross_entropy_sum(logits, micro["targets"], weights, sc.z_loss,
                                                      mesh, batch_axes)
-  return loss_lib.cross_entropy_sum(logits, micro["targets"], weights, sc.z_loss)
+  # The output projection is fused into the loss: the [B, L, V] logits are never materialised.
+  x_BxLxD, w_VxD = model.apply(variables, micro["inputs"], segment_ids, not sc.dropout, rngs=rngs,
+                               method=_hidden_and_output_embedding)
+  return loss_lib.unembed_cross_entropy_sum(
+      x_BxLxD.astype(w_VxD.dtype), w_VxD, micro["targets"], weights, sc.z_loss,
+      vocab_size=model.args.vocab_size, mesh=mesh, batch_axes=batch_axes)
 
 
 def train_step(state: TrainState, batch: Batch, *, model: GPT, tx: optax.GradientTransformation,
@@ -75,11 +85,15 @@ def train_step(state: TrainState, batch: Batch, *, model: GPT, tx: optax.Gradien
     grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
     return (grads_acc, total_acc + total, count_acc + count), None
 
-  zeros = jax.tree.map(jnp.zeros_like, state.params)
   accum = batch["inputs"].shape[0]
-  (grads, total, count), _ = jax.lax.scan(
-      micro_step, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
-      (batch, jnp.arange(accum)))
+  if accum == 1:  # no accumulator to zero, add into and carry through a loop
+    (total, count), grads = grad_fn(state.params, jax.tree.map(lambda x: x[0], batch),
+                                    jax.random.fold_in(rng, 0), model, sc, mesh, batch_axes)
+  else:
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grads, total, count), _ = jax.lax.scan(
+        micro_step, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
+        (batch, jnp.arange(accum)))
   count = jnp.maximum(count, 1.0)
   grads = jax.tree.map(lambda g: g / count, grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)

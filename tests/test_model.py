@@ -1,6 +1,7 @@
 """The GPT model against an independent jax.numpy reference, and its structural guarantees."""
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -16,9 +17,11 @@ from gptjax.model import GPT, Attention, ModelArgs
 SMALL = ModelArgs(vocab_size=97, ctx=32, n_layers=4, d_model=48, n_heads=4, d_head=12, d_ff=192)
 
 
+@functools.lru_cache(maxsize=None)
 def init(args, length=16, seed=0):
+  """Random tokens and initial params; jitted (eager init compiles op by op) and cached per args."""
   tokens = jax.random.randint(jax.random.key(seed + 1), (3, length), 0, args.vocab_size)
-  params = nn.meta.unbox(GPT(args).init(jax.random.key(seed), tokens)["params"])
+  params = nn.meta.unbox(jax.jit(GPT(args).init)(jax.random.key(seed), tokens)["params"])
   return params, tokens
 
 

@@ -1,0 +1,47 @@
+"""Times the full train step (forward, backward, AdamW) and prints one JSON line.
+
+Usage:
+  python scripts/bench.py                                  # the fixed CPU config (configs/cpu_bench.py)
+  python scripts/bench.py --reference=torch                # also the PyTorch eager reference, and the ratio
+  python scripts/bench.py --config=configs/gpt3.py:small --config.train.global_batch=8 --steps=5
+
+Reports tokens/s (median over timed steps), step and compile time, FLOPs per token (PaLM), MFU (with
+--peak_flops or on a known accelerator), and the fraction of a large matmul's FLOP/s the step reaches.
+"""
+
+import json
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from gptjax import bench  # pylint: disable=wrong-import-position
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/cpu_bench.py", "Config file.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (median reported).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after the first (compiling) one.")
+_REFERENCE = flags.DEFINE_enum("reference", "none", ["none", "torch"],
+                               "Also time this implementation of the same step, interleaved.")
+_PEAK = flags.DEFINE_float("peak_flops", 0.0, "Peak FLOP/s per device for MFU (0 = known kinds).")
+_MATMUL = flags.DEFINE_list("matmul", [str(d) for d in bench.MATMUL_SHAPE],
+                            "M,K,N of the ceiling matmul ([M,K] @ [K,N]); empty = skip.")
+
+
+def main(argv):
+  del argv
+  reference = None
+  if _REFERENCE.value == "torch":
+    from benchmarks import torch_reference  # pylint: disable=import-outside-toplevel
+    reference = torch_reference.make_train_step
+  result = bench.run(_CONFIG.value, steps=_STEPS.value, warmup=_WARMUP.value,
+                     matmul_shape=tuple(int(d) for d in _MATMUL.value) or None,
+                     reference=reference, reference_name=_REFERENCE.value,
+                     peak_flops=_PEAK.value or None)
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  app.run(main)
