@@ -9,5 +9,7 @@ from configs import base
 def get_config(arg: str = "small"):
   c = base.from_size("gpt2", arg)
   c.optim.warmup_steps = 2000
+  # The paper gives no schedule length; 600k steps of 0.5M tokens (300B tokens, as GPT-3 used).
+  c.train.steps = 600_000
   c.lock()
   return c

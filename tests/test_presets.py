@@ -7,7 +7,7 @@ import pytest
 
 import configs
 from configs import sizes
-from gptjax import accounting, config as config_lib
+from gptjax import accounting, config as config_lib, optim
 from gptjax.model import ModelArgs
 
 PUBLISHED = [k.replace("-", ":", 1) if "-" in k else k for k in sizes.SIZES]
@@ -89,8 +89,10 @@ def test_tiny_preset_is_small_and_valid():
 
 
 @pytest.mark.parametrize("spec", configs.all_presets())
-def test_every_preset_builds_abstractly(spec):
+def test_every_preset_builds_abstractly_with_a_valid_schedule(spec):
   cfg = configs.load(spec)
+  lr = optim.schedule(cfg, optim.plan(cfg))  # a preset whose schedule cannot run is a bug
+  assert float(lr(optim.plan(cfg).total_steps // 2)) > 0
   shapes = accounting.abstract_params(ModelArgs.from_config(cfg.model))
   assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(shapes))
 
