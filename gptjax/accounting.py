@@ -26,6 +26,15 @@ PEAK_FLOPS = {
 }
 
 
+def peak_flops_of(device) -> float | None:
+  """Dense bf16 peak FLOP/s of a known accelerator kind (`PEAK_FLOPS`), else None (e.g. CPUs)."""
+  kind = device.device_kind.lower().replace(" ", "").replace("-", "")
+  for name, peak in PEAK_FLOPS.items():
+    if name.replace("-", "") in kind:
+      return peak
+  return None
+
+
 def abstract_params(args: model_lib.ModelArgs, seq_len: int = 8):
   """Parameter shapes as `jax.ShapeDtypeStruct`s (boxed with logical axes), from `jax.eval_shape`."""
   model = model_lib.GPT(args)

@@ -27,15 +27,6 @@ Step = Callable[[], None]  # runs one complete step and waits for it
 MATMUL_SHAPE = (2048, 384, 50304)  # (M, K, N): the fixed CPU config's output projection
 
 
-def peak_flops_of(device) -> float | None:
-  """Dense bf16 peak FLOP/s of a known accelerator kind (`accounting.PEAK_FLOPS`), else None."""
-  kind = device.device_kind.lower().replace(" ", "").replace("-", "")
-  for name, peak in accounting.PEAK_FLOPS.items():
-    if name.replace("-", "") in kind:
-      return peak
-  return None
-
-
 def bench_devices(cfg: ml_collections.ConfigDict) -> list:
   """All devices if a mesh axis is -1 ('the rest'), else exactly as many as the mesh names."""
   sizes = [int(cfg.mesh[a]) for a in config_lib.MESH_AXES]
@@ -141,7 +132,7 @@ def run(cfg: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2,
   tokens = info["tokens_per_step"]
   flops_token = accounting.flops_per_token(args, seq_len)
   tokens_per_s = tokens / med["gptjax"]
-  peak = peak_flops or peak_flops_of(devices[0])
+  peak = peak_flops or accounting.peak_flops_of(devices[0])
   out = {
       "preset": cfg.name, "mesh": info["mesh"], "devices": len(devices),
       "device_kind": devices[0].device_kind, "dtype": cfg.model.dtype,

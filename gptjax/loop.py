@@ -32,15 +32,6 @@ class NonFiniteError(RuntimeError):
   """The loss or gradient norm became NaN/inf; checkpoints on disk were left as they were."""
 
 
-def device_peak_flops() -> float | None:
-  """Peak bf16 FLOP/s of this process's device kind, if it is a known accelerator."""
-  kind = jax.devices()[0].device_kind.lower().replace(" ", "").replace("-", "")
-  for name, peak in accounting.PEAK_FLOPS.items():
-    if name.replace("-", "") in kind:
-      return peak
-  return None
-
-
 def _log(msg: str) -> None:
   if jax.process_index() == 0:
     print(f"gptjax: {msg}", flush=True)
@@ -139,7 +130,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str,
   plan, t, ck = trainer.run, cfg.train, cfg.checkpoint
   args = trainer.model.args
   counts = accounting.param_counts(args)
-  flops_token, peak = accounting.flops_per_token(args, plan.seq_len), device_peak_flops()
+  flops_token, peak = accounting.flops_per_token(args, plan.seq_len), accounting.peak_flops_of(jax.devices()[0])
   train_it = pipeline.make(cfg.data, tokenizer, "train", seq_len=plan.seq_len,
                            global_batch=plan.micro_batch, seed=cfg.seed)
   eval_ds = pipeline.make_eval(cfg.data, tokenizer, seq_len=plan.seq_len,

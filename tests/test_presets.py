@@ -69,6 +69,10 @@ def test_flops_per_token_matches_the_palm_formula():
 
 
 def test_mfu_and_memory_estimates():
+  kind = lambda k: type("Device", (), {"device_kind": k})()
+  assert accounting.peak_flops_of(kind("NVIDIA H100 80GB HBM3")) == 989e12
+  assert accounting.peak_flops_of(kind("TPU v5p")) == 459e12
+  assert accounting.peak_flops_of(kind("cpu")) is None
   assert accounting.mfu(1000.0, 1e9, 1e12) == pytest.approx(1.0)
   assert accounting.mfu(1000.0, 1e9, 1e12, n_devices=4) == pytest.approx(0.25)
   args = ModelArgs.from_config(configs.load("gpt3:xl").model)
