@@ -35,19 +35,25 @@ def latest_params(cfg, workdir):
   return state.params, meta
 
 
+def preempt_at(monkeypatch, step):
+  """Makes the loop see a stop request (as after SIGTERM) right after `step`."""
+  calls = {"n": 0}
+
+  def agreed(self):
+    del self
+    calls["n"] += 1
+    return calls["n"] == step
+
+  monkeypatch.setattr(loop._StopSignal, "agreed", agreed)
+
+
 def test_preempted_run_resumes_bit_exactly(tmp_path, monkeypatch):
   one = jax.devices()[:1]
   cfg = ckpt_cfg(tmp_path)
   loop.run(cfg, str(tmp_path / "straight"), devices=one)
 
-  calls = {"n": 0}
-
-  def stop_at_step_5(self):
-    calls["n"] += 1
-    return calls["n"] == 5
-
   with monkeypatch.context() as m:
-    m.setattr(loop._StopSignal, "agreed", stop_at_step_5)
+    preempt_at(m, 5)
     summary = loop.run(ckpt_cfg(tmp_path), str(tmp_path / "resumed"), devices=one)
   assert summary["preempted"] and summary["steps"] == 5  # stopped between save points: saved at 5
   loop.run(ckpt_cfg(tmp_path), str(tmp_path / "resumed"), devices=one)
@@ -86,14 +92,8 @@ def test_restore_onto_another_mesh_layout_continues_the_same_run(tmp_path, monke
     return c
 
   loop.run(cfg(1, 8, 1), str(tmp_path / "fsdp"), devices=jax.devices())
-  calls = {"n": 0}
-
-  def stop_at_step_6(self):
-    calls["n"] += 1
-    return calls["n"] == 6
-
   with monkeypatch.context() as m:
-    m.setattr(loop._StopSignal, "agreed", stop_at_step_6)
+    preempt_at(m, 6)
     loop.run(cfg(1, 8, 1), str(tmp_path / "moved"), devices=jax.devices())
   loop.run(cfg(2, 1, 4), str(tmp_path / "moved"), devices=jax.devices())  # resumed, resharded
   a, b = losses_by_step(tmp_path / "fsdp"), losses_by_step(tmp_path / "moved")
