@@ -70,8 +70,21 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: str, devices=None):
     raise ConfigError(f"config.checkpoint.restore_from: {cfg.checkpoint.restore_from!r} does not "
                       "exist. Point it at a gptjax run's workdir.")
   tokenizer = tokenizer_lib.load_or_train(cfg.data, workdir)
+  _check_same_on_all_hosts(tokenizer.fingerprint, "tokenizer")
   cfg.model.vocab_size = tokenizer.vocab_size
   return tokenizer, sharding.make_mesh(cfg.mesh, devices)
+
+
+def _check_same_on_all_hosts(sha256_hex: str, what: str) -> None:
+  """Refuses a multi-process run whose processes hold different `what`s (by their sha256)."""
+  if jax.process_count() == 1:
+    return
+  mine = np.frombuffer(bytes.fromhex(sha256_hex)[:8], np.uint8).astype(np.int32)
+  every = multihost_utils.process_allgather(mine)
+  if not (every == every[0]).all():
+    raise ConfigError(
+        f"the processes of this run have different {what}s (fingerprints differ between hosts). "
+        f"Give them the same data.{what}.path, or train it once and copy it to every host.")
 
 
 def write_config(cfg: ml_collections.ConfigDict, workdir: str) -> None:
