@@ -6,13 +6,14 @@ output projection; embedding lookups are free), L layers, H heads, Q head width,
 """
 
 import dataclasses
+import functools
 import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gptjax import model as model_lib
+from gptjax import loss as loss_lib, model as model_lib
 
 # Dense bf16 peak FLOP/s per device (vendor data sheets; H100/H200 SXM without sparsity).
 PEAK_FLOPS = {
@@ -55,6 +56,13 @@ class ParamCounts:
 
 def param_counts(args: model_lib.ModelArgs) -> ParamCounts:
   """Exact counts from the model's own parameter shapes (no memory allocated)."""
+  # Remat, compute dtype and dropout do not change the parameters: one trace per architecture.
+  return _param_counts(dataclasses.replace(args, remat="none", dtype=jnp.float32, embd_dropout=0.0,
+                                           attn_dropout=0.0, resid_dropout=0.0))
+
+
+@functools.lru_cache(maxsize=64)
+def _param_counts(args: model_lib.ModelArgs) -> ParamCounts:
   params = nn.meta.unbox(abstract_params(args))
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
   total = embedding = matmul = 0
@@ -128,7 +136,10 @@ def memory_per_device(args: model_lib.ModelArgs, seq_len: int, batch_per_device:
     per_layer_live = activation_bytes_per_token_layer(full, seq_len) * tokens
   else:
     per_layer_live = 0.0
-  logits = tokens * args.padded_vocab * 4 * 2  # float32 logits and their gradient
+  # float32 logits and their gradient: whole under tensor parallelism (vocab-parallel loss), one
+  # chunk of rows at a time otherwise (the fused output projection + loss).
+  rows = tokens if tensor > 1 else min(tokens, loss_lib.CHUNK_ROWS)
+  logits = rows * args.padded_vocab * 4 * 2
   acts = (per_layer * args.n_layers + per_layer_live + logits) / tensor
   return MemoryEstimate(params=4.0 * n / shards, grads=4.0 * n / shards,
                         optimizer=8.0 * n / shards, activations=acts)

@@ -182,6 +182,12 @@ class Trainer:
     with self._ctx():
       return self._step(state, batch)
 
+  def lower_step(self, batch: Batch) -> jax.stages.Lowered:
+    """The train step lowered for the abstract state and `batch` (arrays or ShapeDtypeStructs);
+    `.compile()` it for the compiler's view (memory, cost) without allocating anything."""
+    with self._ctx():
+      return self._step.lower(self.abstract_state, batch)
+
   def eval(self, params, batch: Batch) -> dict[str, jax.Array]:
     with self._ctx():
       return self._eval(params, batch)
