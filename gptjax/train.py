@@ -4,6 +4,10 @@
     state = trainer.init_state()                  # created already sharded, never on one device
     state, metrics = trainer.step(state, batch)   # batch: {"inputs", "targets"} [accum, B, L]
 
+Other objectives reuse the same step: `Trainer.build(cfg, mesh, loss_fn=..., init_params=...)`
+trains any parameters against any token-loss sum, with `TrainState.frozen` holding parameters the
+step reads but never updates (a fine-tuning base under adapters, a distillation teacher).
+
 `train_step` and `eval_step` are plain functions of arrays; jit, shardings and donation are applied
 in `Trainer.build`, not inside them.
 """
@@ -30,8 +34,14 @@ Batch = dict[str, jax.Array]
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array  # optimizer steps taken (int32 scalar)
-  params: Any
+  params: Any  # what the optimizer updates
   opt_state: Any
+  frozen: Any = None  # what the loss reads but nothing updates (no gradient, no optimizer state)
+
+
+# loss_fn(params, frozen, micro_batch, rng, model, step_config, mesh, batch_axes)
+#   -> (sum of weighted token losses, sum of weights)
+LossFn = Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +57,13 @@ class StepConfig:
 def _hidden_and_output_embedding(model: GPT, tokens_BxL, segment_ids_BxL, deterministic):
   return (model.hidden(tokens_BxL, segment_ids_BxL=segment_ids_BxL, deterministic=deterministic),
           model.output_embedding())
+
+
+def lm_loss_sum(params, frozen, micro: Batch, rng, model: GPT, sc: StepConfig, mesh: Mesh | None,
+                batch_axes) -> tuple[jax.Array, jax.Array]:
+  """The language-modelling objective: next-token cross-entropy sums (see `loss`)."""
+  del frozen
+  return _loss_sum(params, micro, rng, model, sc, mesh, batch_axes)
 
 
 def _loss_sum(params, micro: Batch, rng, model: GPT, sc: StepConfig, mesh: Mesh | None,
@@ -67,15 +84,17 @@ def _loss_sum(params, micro: Batch, rng, model: GPT, sc: StepConfig, mesh: Mesh 
 
 
 def train_step(state: TrainState, batch: Batch, *, model: GPT, tx: optax.GradientTransformation,
-               lr: optax.Schedule, sc: StepConfig, mesh: Mesh | None = None,
-               batch_axes=None) -> tuple[TrainState, dict[str, jax.Array]]:
+               lr: optax.Schedule, sc: StepConfig, mesh: Mesh | None = None, batch_axes=None,
+               loss_fn: LossFn = lm_loss_sum) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on `batch` = [accum, B, L] arrays: accumulate, then update once.
 
   Gradients of the token-loss sums are accumulated over the micro-batches and divided once by the
   total token weight, so k micro-batches give exactly the step of one k-times larger batch.
   """
   rng = jax.random.fold_in(jax.random.key(sc.seed), state.step)
-  grad_fn = jax.value_and_grad(_loss_sum, has_aux=True)
+  frozen = jax.lax.stop_gradient(state.frozen)
+  grad_fn = jax.value_and_grad(
+      lambda params, micro, rng, *rest: loss_fn(params, frozen, micro, rng, *rest), has_aux=True)
 
   def micro_step(carry, xs):
     grads_acc, total_acc, count_acc = carry
@@ -100,7 +119,8 @@ def train_step(state: TrainState, batch: Batch, *, model: GPT, tx: optax.Gradien
   params = optax.apply_updates(state.params, updates)
   metrics = {"loss": total / count, "grad_norm": optax.global_norm(grads), "lr": lr(state.step),
              "tokens": count}
-  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                    frozen=state.frozen), metrics
 
 
 def eval_step(params, batch: Batch, *, model: GPT, sc: StepConfig, mesh: Mesh | None = None,
@@ -129,7 +149,17 @@ class Trainer:
   _init: Any = None
 
   @classmethod
-  def build(cls, cfg: ml_collections.ConfigDict, mesh: Mesh) -> "Trainer":
+  def build(cls, cfg: ml_collections.ConfigDict, mesh: Mesh, *, loss_fn: LossFn = lm_loss_sum,
+            init_params=None) -> "Trainer":
+    """Shardings, jitted init / step / eval for `cfg` on `mesh`.
+
+    Args:
+      cfg: the full config.
+      mesh: the device mesh.
+      loss_fn: the objective (see `LossFn`); default next-token cross-entropy.
+      init_params: `(model, rng, tokens) -> (params, frozen)`, both boxed with logical axes (as
+        `model.init` makes them); default `(model.init(...)["params"], None)`.
+    """
     args = ModelArgs.from_config(cfg.model)
     model = GPT(args)
     run = optim.plan(cfg)
@@ -141,8 +171,13 @@ class Trainer:
     seq_len = run.seq_len
 
     def init_boxed(rng):
-      params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
-      return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+      tokens = jnp.zeros((1, seq_len), jnp.int32)
+      if init_params is None:
+        params, frozen = model.init(rng, tokens)["params"], None
+      else:
+        params, frozen = init_params(model, rng, tokens)
+      return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                        frozen=frozen)
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       abstract = jax.eval_shape(init_boxed, jax.random.key(0))
@@ -160,7 +195,7 @@ class Trainer:
                             out_shardings=state_shardings)
     trainer._step = jax.jit(
         functools.partial(train_step, model=model, tx=tx, lr=lr, sc=sc, mesh=mesh,
-                          batch_axes=batch_axes),
+                          batch_axes=batch_axes, loss_fn=loss_fn),
         in_shardings=(state_shardings, accum_sh), out_shardings=(state_shardings, repl),
         donate_argnums=0)
     trainer._eval = jax.jit(
