@@ -76,6 +76,40 @@ def get_config() -> ml_collections.ConfigDict:
   t.nonfinite = "stop"  # NaN/inf loss or gradient: 'stop' (keep checkpoints, exit) or 'skip' the update
   t.max_skips = 10  # 'skip': abort after this many consecutive non-finite steps
 
+  # ---- downstream evaluation during training (gptjax/evaluate.py) ---------------------------
+  e = c.eval = ml_collections.ConfigDict()
+  e.tasks = ""  # 'name:path:kind[:fewshot],...' (mc, lambada, ppl) run every eval_every; ''=none
+  e.shots = 0  # few-shot demonstrations before each example (0 = zero-shot)
+  e.seed = 0  # seed of the few-shot draw
+
+  # ---- fine-tuning (gptjax/finetune.py, scripts/finetune.py) -------------------------------
+  f = c.finetune = ml_collections.ConfigDict()
+  f.base = ""  # pre-trained model: a gptjax run's workdir or a local HF GPT-2 folder (''=random)
+  f.task = "classify"  # classify, entail, similarity, multiple_choice, token_classify or sft
+  f.train_path = ""  # JSON Lines file of training examples (formats: gptjax/data/sft.py)
+  f.val_path = ""  # JSON Lines file of held-out examples ('' = no evaluation)
+  f.text_fields = "text"  # record field(s) of the text; two, comma-separated, for entail/similarity
+  f.label_field = "label"  # record field of the label (multiple_choice: the right choice's index)
+  f.choices_field = "choices"  # multiple_choice: record field listing the candidate answers
+  f.classes = "0,1"  # comma-separated class names; every label must be one of them
+  f.delimiter = "\n"  # text between the two parts of a pair (entail, similarity, multiple_choice)
+  f.template = "{prompt}"  # sft: the prompt, str.format-ted with the record's fields
+  f.completion_field = "completion"  # sft: record field of the completion (the only loss)
+  f.pack = True  # sft: pack examples into sequences, kept apart by segment ids
+  f.epochs = 0.0  # passes over the training set; > 0 sets train.steps (GPT-1: 3)
+  f.warmup_fraction = 0.0  # > 0: optim.warmup_steps = this fraction of the run (GPT-1: 0.002)
+  f.head_dropout = 0.1  # dropout before the task head (GPT-1: 0.1)
+  f.aux_lm_weight = 0.0  # λ: loss = task loss + λ · LM loss on the task's text (GPT-1: 0.5)
+  f.peft = "none"  # 'none', or a method that freezes the base: 'lora', 'adapters', 'prefix'
+  f.freeze = ""  # peft 'none': regex over parameter paths to freeze (e.g. 'wte|wpe'); '' = none
+  f.adapter_dim = 64  # peft 'adapters': bottleneck width of each Houlsby adapter
+  f.prefix_len = 10  # peft 'prefix': learned key/value positions per layer
+  f.match_examples = 0  # sft: greedy-decode this many val prompts per eval for exact match
+  lo = f.lora = ml_collections.ConfigDict()
+  lo.rank = 8  # r: rank of the update A·B
+  lo.alpha = 16.0  # the update is scaled by alpha / r
+  lo.targets = "attn/qkv"  # regex over module paths, e.g. 'attn/qkv' (q, k, v share one kernel)
+
   # ---- checkpoints (gptjax/checkpoint.py) --------------------------------------------------
   ck = c.checkpoint = ml_collections.ConfigDict()
   ck.save_every = 500  # steps between checkpoints (the end of the run is always saved; 0 = end only)
@@ -103,6 +137,24 @@ def get_config() -> ml_collections.ConfigDict:
   o.batch_ramp_tokens = 0  # GPT-3 batch ramp: grow the batch linearly over this many tokens (0 = off)
   o.batch_ramp_start = 32768  # batch size in tokens at the start of the ramp (GPT-3: 32k)
   o.batch_ramp_buckets = 4  # distinct batch sizes on the ramp (each compiles once)
+
+  # ---- compression (gptjax/quantize.py, gptjax/distill.py, gptjax/prune.py) ------------------
+  cp = c.compress = ml_collections.ConfigDict()
+  qat = cp.qat = ml_collections.ConfigDict()
+  qat.enabled = False  # quantization-aware training: Linears see fake-quantized weights (Qwix)
+  qat.bits = 8  # QAT weight bits: 8 (int8) or 4 (int4)
+  qat.group_size = 0  # weights per scale along the contraction axis (0 = one per output channel)
+  qat.activations = False  # also quantize each Linear's input to int8 (dynamic, per token)
+  kd = cp.distill = ml_collections.ConfigDict()
+  kd.teacher = ""  # workdir of a trained teacher with the same tokenizer ('' = no distillation)
+  kd.alpha = 0.5  # loss = (1 - alpha) * LM loss + alpha * T^2 * KL(teacher_T || student_T)
+  kd.temperature = 1.0  # T: both next-token distributions are softened by it (> 1 = softer)
+  pr = cp.prune = ml_collections.ConfigDict()
+  pr.method = "none"  # 'none', 'magnitude' (unstructured) or '2:4' (2 of every 4 inputs are zero)
+  pr.sparsity = 0.5  # 'magnitude': fraction of each Linear kernel at zero once the ramp ends
+  pr.begin_step = 0  # optimizer step where pruning starts (sparsity 0; '2:4' applies here)
+  pr.end_step = 0  # step where 'magnitude' reaches its sparsity (0 = the run's last step)
+  pr.power = 3.0  # exponent of the polynomial ramp: s(t) = sparsity * (1 - (1 - t/T)^power)
 
   # ---- device mesh (gptjax/sharding.py) ----------------------------------------------------
   mesh = c.mesh = ml_collections.ConfigDict()

@@ -1,21 +1,34 @@
 """Checkpoints on Orbax: sharded, asynchronous, keep-last-N plus keep-best, with safe fallback.
 
-Each step's checkpoint holds three items: `params`, `opt_state` (both sharded arrays, saved and
-restored straight from/to the mesh's shardings, whatever layout wrote them) and `meta` (JSON: step,
-tokens seen, the data iterator's state). Orbax writes into a temporary directory and renames it
-when complete, so a crash mid-save never leaves a checkpoint that looks finished.
+Each step's checkpoint holds three items: `params`, `opt_state` (sharded arrays) and `meta` (JSON:
+step, tokens seen, the data iterator's state and the run's resolved config). Orbax writes into a
+temporary directory and renames it when complete, so a crash mid-save never leaves a checkpoint
+that looks finished. Restores are portable:
+
+- onto any mesh: arrays are read straight into the target shardings;
+- across `model.scan_layers`: the saved layout is read from the checkpoint's tree metadata, the
+  arrays are restored in that layout (sharded like the target) and converted on the devices, the
+  Adam moments with the params. Remat policy and compute dtype do not change the tree at all;
+- onto another device or host count, with another micro-batch: `resume_data_state` moves the data
+  position, since the data order depends only on (seed, sequence index).
+
+A params-only checkpoint (`save_params`: for serving, or `checkpoint.restore_from`) has no
+`opt_state`. `Reader` reads any checkpoint one array at a time, for conversion and inspection.
 """
 
+import json
 import os
 import shutil
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint.checkpoint_managers import preservation_policy as keep_lib
 
+from gptjax import layout
 from gptjax.config import ConfigError
 
 
@@ -25,12 +38,26 @@ def _handlers() -> dict[str, ocp.CheckpointHandler]:
           "meta": ocp.JsonCheckpointHandler()}
 
 
+def checkpoints_dir(path: str) -> str:
+  """`<workdir>/checkpoints` for a workdir; a checkpoints directory itself is returned as is."""
+  directory = os.path.abspath(path)
+  sub = os.path.join(directory, "checkpoints")
+  return sub if os.path.isdir(sub) else directory
+
+
+def config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return json.loads(config.to_json_best_effort())
+
+
 class Checkpointer:
   """Saves and restores a run's checkpoints under `<workdir>/checkpoints`."""
 
-  def __init__(self, workdir: str, ck: ml_collections.ConfigDict):
+  def __init__(self, workdir: str, ck: ml_collections.ConfigDict,
+               config: ml_collections.ConfigDict | None = None):
+    """`config`, if given, is recorded in every checkpoint's meta (resume checks, inspection)."""
     self.workdir = workdir
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.config = config_json(config) if config is not None else None
     policies = [keep_lib.LatestN(ck.keep)]
     if ck.keep_best:
       policies.append(keep_lib.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True,
@@ -43,6 +70,8 @@ class Checkpointer:
 
   def save(self, step: int, state, meta: dict[str, Any], val_loss: float | None = None) -> None:
     """Starts saving `state` at `step` (returns before the write finishes when async)."""
+    if self.config is not None:
+      meta = {**meta, "config": self.config}
     self.manager.save(
         step, force=True, metrics={"val_loss": val_loss} if val_loss is not None else None,
         args=ocp.args.Composite(params=ocp.args.StandardSave(state.params),
@@ -59,21 +88,23 @@ class Checkpointer:
   def restore_latest(self, abstract_state) -> tuple[Any, dict[str, Any]] | None:
     """The newest readable checkpoint as (state, meta), or None if there is none.
 
-    An unreadable checkpoint is moved to `<workdir>/corrupt_checkpoints/<step>` with a warning
-    and the previous one is tried; nothing is deleted.
+    The state comes back in `abstract_state`'s layout and shardings, whichever layout and mesh
+    wrote it. An unreadable checkpoint is moved to `<workdir>/corrupt_checkpoints/<step>` with a
+    warning and the previous one is tried; nothing is deleted.
     """
     for step in sorted(self.manager.all_steps(), reverse=True):
-      try:
-        stored = self.manager.item_metadata(step)["params"]
-        stored = stored.tree if hasattr(stored, "tree") else stored
-      except Exception:  # pylint: disable=broad-except  (unreadable metadata: a broken checkpoint)
-        stored = None
-      if stored is not None:
-        check_shapes(stored, abstract_state.params, f"the checkpoint at step {step}")
+      stored = _stored_params(self.manager, step)
+      if stored is not None and not os.path.isdir(os.path.join(self.directory, str(step),
+                                                               "opt_state")):
+        raise ConfigError(
+            f"the checkpoint at step {step} in {self.directory} holds parameters only (an export "
+            "for serving), so training cannot resume from it. Start a new workdir with "
+            f"--config.checkpoint.restore_from={self.workdir}.")
+      plan = _RestorePlan(stored, abstract_state.params, f"the checkpoint at step {step}")
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_state.params),
-            opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
+            params=ocp.args.StandardRestore(plan.saved_layout(abstract_state.params)),
+            opt_state=ocp.args.StandardRestore(plan.saved_layout(abstract_state.opt_state)),
             meta=ocp.args.JsonRestore()))
       except Exception as e:  # pylint: disable=broad-except  (any unreadable file means: skip it)
         logging.warning("checkpoint at step %d is unreadable (%s: %s); falling back to the "
@@ -82,9 +113,13 @@ class Checkpointer:
               "previous one", flush=True)
         self._quarantine(step)
         continue
-      state = abstract_state.replace(step=jax.numpy.asarray(restored.meta["step"], "int32"),
-                                     params=restored.params, opt_state=restored.opt_state)
-      return state, dict(restored.meta)
+      meta, params, opt_state = dict(restored.meta), restored.params, restored.opt_state
+      del restored  # converted item by item, each saved-layout copy freed as soon as it is done
+      params = plan.to_target(params, abstract_state.params)
+      opt_state = plan.to_target(opt_state, abstract_state.opt_state)
+      state = abstract_state.replace(step=jax.numpy.asarray(meta["step"], "int32"),
+                                     params=params, opt_state=opt_state)
+      return state, meta
     return None
 
   def _quarantine(self, step: int) -> None:
@@ -93,6 +128,56 @@ class Checkpointer:
       os.makedirs(bad, exist_ok=True)
       shutil.move(os.path.join(self.directory, str(step)), os.path.join(bad, str(step)))
     self.manager.reload()
+
+
+def _stored_params(manager: ocp.CheckpointManager, step: int):
+  """The params' tree of `ArrayMetadata` as saved, or None if the metadata is unreadable."""
+  try:
+    stored = manager.item_metadata(step)["params"]
+  except Exception:  # pylint: disable=broad-except  (unreadable metadata: a broken checkpoint)
+    return None
+  return stored.tree if hasattr(stored, "tree") else stored
+
+
+class _RestorePlan:
+  """How to restore a checkpoint saved in one layout into a model of (maybe) the other one.
+
+  Checks the shapes first (in the model's layout), so a checkpoint of another model is refused with
+  the list of mismatched parameters before anything is read.
+  """
+
+  def __init__(self, stored, abstract_params, what: str):
+    self.convert = False
+    if stored is None:  # unreadable metadata: let the restore fail and the caller fall back
+      return
+    saved_scanned, target_scanned = layout.is_scanned(stored), layout.is_scanned(abstract_params)
+    if saved_scanned == target_scanned:
+      check_shapes(stored, abstract_params, what)
+      return
+    self.convert, self.saved_scanned = True, saved_scanned
+    self.period = layout.period_of(stored if saved_scanned else abstract_params)
+    as_model = layout.convert(
+        jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), stored), target_scanned,
+        self.period, layout.take_abstract, layout.join_abstract)
+    check_shapes(as_model, abstract_params,
+                 f"{what} (saved with model.scan_layers={saved_scanned}, compared unstacked)"
+                 if saved_scanned else f"{what} (saved with model.scan_layers=False)")
+
+  def saved_layout(self, abstract_tree):
+    """`abstract_tree` (params or an optimizer state) as it was saved, sharded like the target."""
+    if not self.convert:
+      return abstract_tree
+    return layout.convert_tree(abstract_tree, self.saved_scanned, self.period,
+                               layout.take_abstract, layout.join_abstract)
+
+  def to_target(self, tree, abstract_tree):
+    """Converts restored arrays to the target layout on the devices, placed as the target says."""
+    if not self.convert:
+      return tree
+    out_shardings = jax.tree.map(lambda x: x.sharding, abstract_tree)
+    target_scanned = not self.saved_scanned
+    return jax.jit(lambda t: layout.convert_tree(t, target_scanned, self.period),
+                   out_shardings=out_shardings)(tree)
 
 
 def check_shapes(stored, expected, what: str) -> None:
@@ -114,12 +199,11 @@ def restore_params(path: str, abstract_params) -> Any:
   """Parameters only (no optimizer state) from the latest checkpoint of another run.
 
   Args:
-    path: a run's workdir, or its `checkpoints` directory.
-    abstract_params: `jax.ShapeDtypeStruct`s with shardings, the layout to restore into.
+    path: a run's workdir, or its `checkpoints` directory (full or params-only checkpoints).
+    abstract_params: `jax.ShapeDtypeStruct`s with shardings, the layout to restore into (either
+      value of `model.scan_layers`; stored values are cast to its dtypes).
   """
-  directory = os.path.abspath(path)
-  if os.path.isdir(os.path.join(directory, "checkpoints")):
-    directory = os.path.join(directory, "checkpoints")
+  directory = checkpoints_dir(path)
   if not os.path.isdir(directory):
     raise ConfigError(f"config.checkpoint.restore_from: {path!r} does not exist. Point it at a "
                       "gptjax run's workdir (or its checkpoints/ folder).")
@@ -129,8 +213,158 @@ def restore_params(path: str, abstract_params) -> Any:
   if step is None:
     raise ConfigError(f"config.checkpoint.restore_from: {path!r} holds no checkpoint. Train that "
                       "run first, or point at another.")
-  stored = manager.item_metadata(step)["params"]
-  check_shapes(stored.tree if hasattr(stored, "tree") else stored, abstract_params,
-               f"config.checkpoint.restore_from: the checkpoint at {directory} (step {step})")
-  return manager.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(abstract_params))).params
+  what = f"config.checkpoint.restore_from: the checkpoint at {directory} (step {step})"
+  plan = _RestorePlan(_stored_params(manager, step), abstract_params, what)
+  restored = manager.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(plan.saved_layout(abstract_params)))).params
+  return plan.to_target(restored, abstract_params)
+
+
+def save_params(workdir: str, step: int, params, meta: dict[str, Any]) -> str:
+  """Writes a params-only checkpoint `<workdir>/checkpoints/<step>` and `<workdir>/config.json`.
+
+  Args:
+    workdir: the output folder (created).
+    step: the step to file it under.
+    params: arrays (numpy or jax) in either layout and any float dtype.
+    meta: JSON with at least `config` (the resolved config dict); written as the `meta` item.
+
+  Returns:
+    The checkpoints directory.
+  """
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  manager = ocp.CheckpointManager(directory, item_handlers=_handlers())
+  manager.save(step, force=True, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                                         meta=ocp.args.JsonSave(meta)))
+  manager.wait_until_finished()
+  manager.close()
+  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    json.dump(meta["config"], f, indent=2, sort_keys=True)
+  return directory
+
+
+def resume_data_state(meta: dict[str, Any], cfg: ml_collections.ConfigDict, plan) -> dict[str, Any]:
+  """The data iterator state that continues a run's batch sequence under this config.
+
+  Batch k holds sequences [k * B, (k + 1) * B) of one shuffled stream that depends only on the seed
+  and the sequence length (`gptjax.data.pipeline`), so the device count, the host count and the
+  micro-batch may change between save and resume. The global batch and the sequence length may
+  not: they would change the run itself (its batches, and the steps its schedule was planned in).
+
+  Args:
+    meta: the restored checkpoint's meta (`step`, `tokens`, `data`, and `config` when recorded).
+    cfg: the config resuming the run.
+    plan: its `optim.RunPlan`.
+
+  Raises:
+    ConfigError: the change cannot keep the batch sequence; the message says which setting.
+  """
+  state, saved = dict(meta["data"]), meta.get("config")
+  if saved is None:  # written before configs were recorded: nothing to compare against
+    return state
+  t, step = saved["train"], meta["step"]
+  old_seq, old_batch = t["seq_len"] or saved["model"]["ctx"], t["global_batch"]
+  old_micro = t["micro_batch"] or old_batch
+  new_batch = cfg.train.global_batch
+  if (old_seq, old_batch) != (plan.seq_len, new_batch):
+    raise ConfigError(
+        f"config.train.global_batch/seq_len: the checkpoint at step {step} was trained with "
+        f"{old_batch} sequences x {old_seq} tokens per step, this config asks for {new_batch} x "
+        f"{plan.seq_len}. Resuming with another global batch would change the run's batches and "
+        f"schedule. Keep train.global_batch={old_batch} and train.seq_len={old_seq} (set "
+        "train.micro_batch to fit the devices: accumulation makes up the rest), or start a new run "
+        "from these weights with checkpoint.restore_from.")
+  if old_micro == plan.micro_batch:
+    return state
+  why = None
+  if set(state) != {"next_index"}:
+    why = ("its data position was saved by Grain worker processes (data.worker_count > 0) and "
+           "cannot be moved to another micro-batch")
+  elif plan.tokens_before(step) != meta["tokens"]:
+    why = (f"with optim.batch_ramp_tokens the ramp is planned in micro-batches, so the new plan "
+           f"has {plan.tokens_before(step):,} tokens before step {step} instead of "
+           f"{meta['tokens']:,}")
+  elif state["next_index"] * old_micro % plan.micro_batch:
+    why = (f"{state['next_index'] * old_micro} sequences read so far are not a whole number of "
+           f"micro-batches of {plan.micro_batch}")
+  if why:
+    raise ConfigError(f"config.train.micro_batch: the checkpoint at step {step} used micro-batches"
+                      f" of {old_micro} and this config {plan.micro_batch}, but {why}. Resume with "
+                      f"train.micro_batch={old_micro}.")
+  return {"next_index": state["next_index"] * old_micro // plan.micro_batch}
+
+
+class Reader:
+  """Read-only access to a run's checkpoints, one array at a time (conversion, inspection)."""
+
+  def __init__(self, path: str):
+    self.directory = checkpoints_dir(path)
+    if not os.path.isdir(self.directory):
+      raise ConfigError(f"{path!r} does not exist. Point at a gptjax run's workdir.")
+    self.manager = ocp.CheckpointManager(self.directory, item_handlers=_handlers(),
+                                         options=ocp.CheckpointManagerOptions(read_only=True))
+    self._pytree = ocp.PyTreeCheckpointer()
+
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def resolve(self, step: int | None) -> int:
+    """`step`, or the latest when None; a clear error when it does not exist."""
+    steps = self.steps()
+    if not steps:
+      raise ConfigError(f"{self.directory} holds no checkpoint.")
+    if step is None:
+      return steps[-1]
+    if step not in steps:
+      raise ConfigError(f"{self.directory} has no checkpoint at step {step}; it has {steps}.")
+    return step
+
+  def has(self, step: int, item: str) -> bool:
+    return os.path.isdir(self.path(step, item))
+
+  def path(self, step: int, item: str = "") -> str:
+    return os.path.join(self.directory, str(step), item)
+
+  def meta(self, step: int) -> dict[str, Any]:
+    return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+                .meta)
+
+  def config(self, step: int) -> tuple[dict[str, Any] | None, str]:
+    """(the config the checkpoint was trained with, where it came from)."""
+    meta = self.meta(step)
+    if "config" in meta:
+      return meta["config"], "checkpoint meta"
+    workdir_config = os.path.join(os.path.dirname(self.directory), "config.json")
+    if os.path.exists(workdir_config):  # older checkpoints: the workdir's latest config
+      with open(workdir_config, encoding="utf-8") as f:
+        return json.load(f), workdir_config
+    return None, ""
+
+  def tree(self, step: int, item: str = "params"):
+    """The item's saved structure: a tree of Orbax `ArrayMetadata` (.shape, .dtype)."""
+    md = self.manager.item_metadata(step)[item]
+    return md.tree if hasattr(md, "tree") else md
+
+  def read(self, step: int, keys: tuple[str, ...], item: str = "params") -> np.ndarray:
+    """One array of the item by its key path, e.g. ('layers', 'block_0', 'mlp', 'fc', 'kernel')."""
+    def nest(leaf):
+      for k in reversed(keys):
+        leaf = {k: leaf}
+      return leaf
+    out = self._pytree.restore(self.path(step, item), args=ocp.args.PyTreeRestore(
+        item=nest(0), restore_args=nest(ocp.RestoreArgs(restore_type=np.ndarray)),
+        partial_restore=True))
+    for k in keys:
+      out = out[k]
+    return out
+
+  def read_all(self, step: int, item: str = "params"):
+    """The whole item as a tree of numpy arrays on this host."""
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                self.tree(step, item))
+    return self._pytree.restore(self.path(step, item),
+                                args=ocp.args.PyTreeRestore(restore_args=restore_args))
+
+  def size_on_disk(self, step: int) -> int:
+    return sum(os.path.getsize(os.path.join(root, f))
+               for root, _, files in os.walk(self.path(step)) for f in files)

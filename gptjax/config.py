@@ -88,6 +88,74 @@ def mesh_shape(mesh: ml_collections.ConfigDict, n_devices: int) -> dict[str, int
   return sizes
 
 
+def validate_eval(e: ml_collections.ConfigDict) -> None:
+  """Checks `cfg.eval`: the task list's syntax (its files are read when the run starts)."""
+  from gptjax import evaluate  # pylint: disable=import-outside-toplevel  (it imports this module)
+
+  _check(e.shots >= 0 and e.seed >= 0, "eval.shots/seed", "must be >= 0",
+         "Use 0 shots for zero-shot evaluation.")
+  try:
+    evaluate.parse_tasks(e.tasks, "config.eval.tasks")
+  except evaluate.EvalError as err:
+    raise ConfigError(str(err)) from err
+
+
+def validate_finetune(f: ml_collections.ConfigDict) -> None:
+  """Checks `cfg.finetune` (its files and base are read when a fine-tuning run starts)."""
+  # pylint: disable-next=import-outside-toplevel  (they import this module)
+  from gptjax import heads, peft
+
+  _check(f.task in heads.TASKS, "finetune.task", f"unknown task {f.task!r}",
+         f"Choose one of {heads.TASKS}.")
+  _check(f.peft in peft.METHODS, "finetune.peft", f"unknown method {f.peft!r}",
+         f"Choose one of {peft.METHODS}.")
+  classes = [c.strip() for c in f.classes.split(",") if c.strip()]
+  if f.task not in ("sft", "multiple_choice"):
+    _check(len(classes) >= 2 and len(set(classes)) == len(classes), "finetune.classes",
+           f"needs two or more distinct comma-separated names, got {f.classes!r}",
+           "List every label value, e.g. 'neg,pos' or '0,1,2'.")
+  n_text = 2 if f.task in heads.PAIR_TASKS else 1
+  fields = [x for x in f.text_fields.split(",") if x.strip()]
+  _check(f.task == "sft" or len(fields) == n_text, "finetune.text_fields",
+         f"task {f.task!r} reads {n_text} text field(s), got {f.text_fields!r}",
+         "Name them comma-separated, e.g. 'premise,hypothesis'.")
+  _check(f.lora.rank >= 1, "finetune.lora.rank", f"must be >= 1, got {f.lora.rank}",
+         "LoRA updates have rank r >= 1 (e.g. 8).")
+  _check(f.lora.alpha > 0, "finetune.lora.alpha", f"must be > 0, got {f.lora.alpha}",
+         "The update is scaled by alpha / rank; e.g. alpha = 2 * rank.")
+  _check(f.adapter_dim >= 1 and f.prefix_len >= 1, "finetune.adapter_dim/prefix_len",
+         f"must be >= 1, got {f.adapter_dim} and {f.prefix_len}", "Use e.g. 64 and 10.")
+  _check(not f.freeze or f.peft == "none", "finetune.freeze",
+         f"is {f.freeze!r} but peft={f.peft!r} already freezes the whole base",
+         "Leave it '' with a PEFT method, or use peft='none'.")
+  _check(0.0 <= f.head_dropout < 1.0, "finetune.head_dropout", f"must be in [0, 1), got "
+         f"{f.head_dropout}", "GPT-1 uses 0.1.")
+  _check(f.aux_lm_weight >= 0 and (f.task != "sft" or not f.aux_lm_weight),
+         "finetune.aux_lm_weight", f"{f.aux_lm_weight} is not usable with task {f.task!r}",
+         "Use a weight >= 0 (GPT-1: 0.5); sft is a language-modelling loss already, so 0 there.")
+  _check(f.epochs >= 0 and 0.0 <= f.warmup_fraction < 1.0 and f.match_examples >= 0,
+         "finetune.epochs/warmup_fraction/match_examples", "epochs and match_examples must be >= "
+         f"0 and warmup_fraction in [0, 1), got {f.epochs}, {f.warmup_fraction}, "
+         f"{f.match_examples}", "GPT-1 trains 3 epochs with 0.2% warmup.")
+
+
+def validate_compress(cfg: ml_collections.ConfigDict) -> None:
+  """Checks `cfg.compress`: QAT against the model, distillation weights, the pruning schedule."""
+  # pylint: disable=import-outside-toplevel  (they import this module)
+  from gptjax import prune
+
+  q, kd = cfg.compress.qat, cfg.compress.distill
+  if q.enabled:
+    from gptjax import quantize  # Qwix is only needed when QAT is on
+    quantize.Spec.from_qat_config(q).check(model_lib.ModelArgs.from_config(cfg.model),
+                                           "config.compress.qat")
+  _check(0.0 <= kd.alpha <= 1.0, "compress.distill.alpha", f"must be in [0, 1], got {kd.alpha}",
+         "0 = plain LM loss, 1 = only the teacher's distribution.")
+  _check(kd.temperature > 0, "compress.distill.temperature", f"must be > 0, got {kd.temperature}",
+         "Use 1 for the raw distributions; 2 is common.")
+  prune.check(cfg.compress.prune)
+
+
 def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> None:
   """Checks the whole config; `n_devices` defaults to `jax.device_count()`."""
   m, t, o = cfg.model, cfg.train, cfg.optim
@@ -116,6 +184,9 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> No
          "GPT-3 decays to 0.1 of the peak.")
   _check(o.clip_norm >= 0 and o.weight_decay >= 0, "optim.clip_norm/weight_decay", "must be >= 0",
          "Use 0 to disable.")
+  validate_eval(cfg.eval)
+  validate_compress(cfg)
+  validate_finetune(cfg.finetune)
   n_devices = jax.device_count() if n_devices is None else n_devices
   sizes = mesh_shape(cfg.mesh, n_devices)
   batch_shards = sizes["data"] * sizes["fsdp"]

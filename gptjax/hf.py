@@ -6,17 +6,26 @@
 
 The layouts differ only by reshapes: HF `Conv1D` weights are already [in, out] like Flax kernels,
 and `c_attn`'s output axis is q|k|v, each heads-major ([N, H]), i.e. our [3, N, H] flattened.
+One table (`_leaf_targets`) says which HF tensors each gptjax leaf becomes, in either layout; it
+serves the in-memory export and the streaming one (`export_safetensors`: one leaf in memory at a
+time, for models larger than host RAM). Local folders are read one tensor at a time too.
 torch and transformers are imported inside the functions that need them (the `hf` extra), so the
 core library works without them; `params_from_hf` and `params_to_hf` need neither.
 """
 
+import glob
+import json
+import math
+import os
 import re
-from collections.abc import Mapping
+import struct
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
@@ -24,7 +33,7 @@ from gptjax import layout
 from gptjax.model import ModelArgs
 
 __all__ = ["args_from_hf_config", "hf_config_from_args", "params_from_hf", "params_to_hf",
-           "to_hf_model", "load_hf_model"]
+           "to_hf_model", "load_hf_model", "export_safetensors", "hf_dir_logits", "fixed_tokens"]
 
 _HF_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # = jax.nn.gelu(approximate=True)
 _BUFFER = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")  # mask buffers of older transformers
@@ -58,6 +67,51 @@ def _block_leaves(a: ModelArgs):
       (("mlp", "proj", "kernel"), "mlp.c_proj.weight", (f, d), (f, d)),
       (("mlp", "proj", "bias"), "mlp.c_proj.bias", (d,), (d,)),
   ]
+
+
+def _leaf_targets(path: tuple[str, ...], shape: tuple[int, ...],
+                  a: ModelArgs) -> list[tuple[str, tuple[int, ...], Callable[[Any], Any]]]:
+  """The HF tensors one gptjax leaf becomes: (name, HF shape, leaf -> tensor) for each.
+
+  `path` is the leaf's key path in either layout; a stacked leaf (`layers/block_j/...`, leading axis
+  of n_layers / period) gives one tensor per layer. Padded vocabulary rows are dropped.
+  """
+  v, d = a.vocab_size, a.d_model
+  block = {p: (name, hf_shape) for p, name, _, hf_shape in _block_leaves(a)}
+  if path == ("wte", "embedding"):
+    return [("transformer.wte.weight", (v, d), lambda x: x[:v])]
+  if path == ("wpe", "embedding"):
+    return [("transformer.wpe.weight", (a.ctx, d), lambda x: x)]
+  if path in (("ln_f", "scale"), ("ln_f", "bias")):
+    return [(f"transformer.ln_f.{'weight' if path[1] == 'scale' else 'bias'}", (d,), lambda x: x)]
+  if path == ("lm_head",):
+    return [("lm_head.weight", (v, d), lambda x: x[:, :v].T)]
+  if path[0] == "layers" and path[2:] in block:
+    name, hf_shape = block[path[2:]]
+    j, period = int(path[1].removeprefix("block_")), len(a.pattern)
+    return [(f"transformer.h.{g * period + j}.{name}", hf_shape,
+             lambda x, g=g: x[g].reshape(hf_shape)) for g in range(shape[0])]
+  if path[0].startswith("block_") and path[1:] in block:
+    name, hf_shape = block[path[1:]]
+    return [(f"transformer.h.{int(path[0].removeprefix('block_'))}.{name}", hf_shape,
+             lambda x: x.reshape(hf_shape))]
+  raise ValueError(f"parameter {'/'.join(path)} {shape} has no Hugging Face GPT-2 counterpart")
+
+
+def _hf_names(a: ModelArgs) -> set[str]:
+  """Every tensor of a `GPT2LMHeadModel` state dict except a tied `lm_head.weight`."""
+  names = {f"transformer.{n}" for n in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias")}
+  names |= {f"transformer.h.{l}.{name}" for l in range(a.n_layers)
+            for _, name, _, _ in _block_leaves(a)}
+  return names if a.tie_embeddings else names | {"lm_head.weight"}
+
+
+def _check_complete(names, a: ModelArgs) -> None:
+  missing, extra = sorted(_hf_names(a) - set(names)), sorted(set(names) - _hf_names(a))
+  if missing or extra:
+    raise ValueError(f"the params do not match the model args (n_layers={a.n_layers}, "
+                     f"tie_embeddings={a.tie_embeddings}): missing {missing[:8]}, "
+                     f"unexpected {extra[:8]}")
 
 
 def _hf_incompatibilities(a: ModelArgs) -> list[str]:
@@ -225,22 +279,17 @@ def params_to_hf(params: Mapping[str, Any], args: ModelArgs) -> dict[str, np.nda
     tied). No attention-mask buffers: a fresh HF model already has them (see `to_hf_model`).
   """
   _check_representable(args)
-  p = layout.unstack(nn.meta.unbox(dict(params)), len(args.pattern))
-  flat = traverse_util.flatten_dict(p)
-
-  def host(*path: str) -> np.ndarray:  # a writable float32 copy: torch must not alias jax buffers
-    return np.array(jax.device_get(flat[path]), np.float32, order="C")
-
-  v = args.vocab_size
-  sd = {"transformer.wte.weight": host("wte", "embedding")[:v],
-        "transformer.wpe.weight": host("wpe", "embedding")}
-  for l in range(args.n_layers):
-    for path, name, _, hf_shape in _block_leaves(args):
-      sd[f"transformer.h.{l}.{name}"] = host(f"block_{l}", *path).reshape(hf_shape)
-  sd["transformer.ln_f.weight"] = host("ln_f", "scale")
-  sd["transformer.ln_f.bias"] = host("ln_f", "bias")
-  sd["lm_head.weight"] = (sd["transformer.wte.weight"] if args.tie_embeddings
-                          else np.ascontiguousarray(host("lm_head")[:, :v].T))
+  sd = {}
+  for path, x in traverse_util.flatten_dict(nn.meta.unbox(dict(params))).items():
+    x = np.asarray(jax.device_get(x), np.float32)
+    for name, hf_shape, fn in _leaf_targets(path, x.shape, args):
+      sd[name] = np.array(fn(x), np.float32, order="C")  # a copy: torch must not alias jax's
+      if sd[name].shape != hf_shape:
+        raise ValueError(f"{'/'.join(path)} gives {name} of shape {sd[name].shape}, expected "
+                         f"{hf_shape} from the model args")
+  _check_complete(sd, args)
+  if args.tie_embeddings:
+    sd["lm_head.weight"] = sd["transformer.wte.weight"]
   return sd
 
 
@@ -268,15 +317,158 @@ def load_hf_model(model_or_dir, *, scan_layers: bool = True,
 
   Args:
     model_or_dir: a `GPT2LMHeadModel` / `GPT2Model` instance, or a local folder written by
-      `save_pretrained` (never downloads: `local_files_only=True`).
+      `save_pretrained` (never downloads). A folder's safetensors are read one tensor at a time.
     scan_layers: params layout and `ModelArgs.scan_layers`.
     pad_vocab_to: round the vocabulary up to a multiple of this (e.g. 128 for TPU/GPU tiling).
   """
-  model = model_or_dir
-  if not hasattr(model, "state_dict"):
+  if hasattr(model_or_dir, "state_dict"):
+    config, state_dict = model_or_dir.config, model_or_dir.state_dict()
+  else:
     _, transformers = _require_hf()
-    model = transformers.GPT2LMHeadModel.from_pretrained(model_or_dir, local_files_only=True)
-  args = args_from_hf_config(model.config, pad_vocab_to=pad_vocab_to, scan_layers=scan_layers)
-  return args, params_from_hf(model.state_dict(), args)
+    config = transformers.GPT2Config.from_pretrained(model_or_dir, local_files_only=True)
+    state_dict = _SafetensorsDir(model_or_dir)
+    if not state_dict:  # e.g. only pytorch_model.bin: let transformers read it
+      state_dict = transformers.GPT2LMHeadModel.from_pretrained(
+          model_or_dir, local_files_only=True).state_dict()
+  args = args_from_hf_config(config, pad_vocab_to=pad_vocab_to, scan_layers=scan_layers)
+  return args, params_from_hf(state_dict, args)
 
 
+class _LazyTensor:
+  """One tensor of a safetensors file, read only when converted to numpy."""
+
+  def __init__(self, path: str, name: str):
+    self.path, self.name = path, name
+
+  def __array__(self, dtype=None, copy=None):
+    del copy
+    from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+    with safe_open(self.path, framework="pt") as f:  # torch reads bfloat16; numpy cannot
+      x = _to_numpy(f.get_tensor(self.name))
+    return x if dtype is None else x.astype(dtype, copy=False)
+
+
+class _SafetensorsDir(Mapping):
+  """The state dict of a folder's `*.safetensors` files, each tensor read when it is used."""
+
+  def __init__(self, directory: str):
+    from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+    self._where = {}
+    for path in sorted(glob.glob(os.path.join(directory, "*.safetensors"))):
+      with safe_open(path, framework="pt") as f:
+        self._where |= {name: path for name in f.keys()}
+
+  def __getitem__(self, name: str) -> _LazyTensor:
+    return _LazyTensor(self._where[name], name)
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self._where)
+
+  def __len__(self) -> int:
+    return len(self._where)
+
+
+_SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16"}
+
+
+class _SafetensorsWriter:
+  """Writes a `.safetensors` file one tensor at a time.
+
+  The `safetensors` package serialises a dict of tensors held in memory at once; this writes the
+  same format incrementally: an 8-byte little-endian header length, the JSON header (dtype, shape
+  and byte range of every tensor, padded with spaces to 8 bytes), then the tensors' bytes. Every
+  shape is known up front, so each tensor is written at its place as soon as it is ready.
+  """
+
+  def __init__(self, path: str, specs: Mapping[str, tuple[tuple[int, ...], Any]]):
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    self._specs = {}
+    for name, (shape, dtype) in specs.items():
+      dtype = np.dtype(dtype)
+      size = math.prod(shape) * dtype.itemsize
+      header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                      "data_offsets": [offset, offset + size]}
+      self._specs[name] = (tuple(shape), dtype, offset)
+      offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    self._start = 8 + len(raw)
+    self._file = open(path, "wb")  # pylint: disable=consider-using-with
+    self._file.write(struct.pack("<Q", len(raw)) + raw)
+    self._file.truncate(self._start + offset)
+    self._pending = set(self._specs)
+
+  def write(self, name: str, x: np.ndarray) -> None:
+    shape, dtype, offset = self._specs[name]
+    if x.shape != shape or x.dtype != dtype:
+      raise ValueError(f"{name}: got {x.shape} {x.dtype}, the header says {shape} {dtype}")
+    self._file.seek(self._start + offset)
+    self._file.write(np.ascontiguousarray(x).reshape(-1).view(np.uint8).data)
+    self._pending.discard(name)
+
+  def __enter__(self) -> "_SafetensorsWriter":
+    return self
+
+  def __exit__(self, exc_type, *exc) -> None:
+    self._file.close()
+    if exc_type is None and self._pending:
+      raise ValueError(f"tensors never written: {sorted(self._pending)[:8]}")
+
+
+def export_safetensors(stored: Mapping[str, Any], read: Callable[[tuple[str, ...]], np.ndarray],
+                       args: ModelArgs, out_dir: str, dtype: str = "float32",
+                       **config_kwargs) -> str:
+  """Writes a GPT-2 folder (`config.json`, `model.safetensors`), one gptjax leaf in memory at once.
+
+  Args:
+    stored: the params' structure, either layout: a tree of anything with `.shape` (e.g. a
+      checkpoint's `ArrayMetadata`, or the arrays themselves).
+    read: returns the leaf at a key path as a numpy array (e.g. `checkpoint.Reader.read`).
+    args: the model; must be representable by HF GPT-2 (see `hf_config_from_args`).
+    out_dir: the folder to write (created); `from_pretrained(out_dir)` loads it.
+    dtype: 'float32' or 'bfloat16' tensors in the file.
+    **config_kwargs: extra `GPT2Config` fields.
+
+  Returns:
+    The path of the safetensors file.
+  """
+  config = hf_config_from_args(args, **config_kwargs)
+  np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[dtype]
+  plan = {path: _leaf_targets(path, tuple(leaf.shape), args)
+          for path, leaf in traverse_util.flatten_dict(dict(stored)).items()}
+  specs = {name: (hf_shape, np_dtype) for targets in plan.values() for name, hf_shape, _ in targets}
+  _check_complete(specs, args)
+  os.makedirs(out_dir, exist_ok=True)
+  config.save_pretrained(out_dir)
+  path = os.path.join(out_dir, "model.safetensors")
+  with _SafetensorsWriter(path, specs) as writer:
+    for leaf_path, targets in plan.items():
+      x = np.asarray(read(leaf_path)).astype(np.float32, copy=False)
+      for name, _, fn in targets:
+        writer.write(name, fn(x).astype(np_dtype, copy=False))
+      del x
+  return path
+
+
+def fixed_tokens(args: ModelArgs, batch: int = 2, length: int = 32, seed: int = 0) -> np.ndarray:
+  """A few fixed token sequences [batch, min(length, ctx)] to compare logits on."""
+  rng = np.random.default_rng(seed)
+  return rng.integers(0, args.vocab_size, (batch, min(length, args.ctx)), dtype=np.int32)
+
+
+def hf_dir_logits(hf_dir: str, tokens_BxL: np.ndarray,
+                  bfloat16_weights: bool = False) -> np.ndarray:
+  """Float32 logits [B, L, V] of a local GPT-2 folder, computed by transformers in float32.
+
+  Args:
+    hf_dir: a folder with config.json and weights.
+    tokens_BxL: int token ids.
+    bfloat16_weights: round the weights to bfloat16 first (to compare with a bfloat16 export).
+  """
+  torch, transformers = _require_hf()
+  model = transformers.GPT2LMHeadModel.from_pretrained(hf_dir, local_files_only=True,
+                                                       dtype=torch.float32).eval()
+  if bfloat16_weights:
+    model = model.to(torch.bfloat16).float()
+  with torch.no_grad():
+    return model(torch.from_numpy(np.asarray(tokens_BxL, np.int64))).logits.numpy()

@@ -4,46 +4,95 @@ Scanned (`scan_layers=True`): `layers/block_{j}/...` with a leading axis of n_la
 period is the length of the attention pattern; layer l lives at index l // period of `block_{l %
 period}`. Unrolled: `block_{l}/...` without the leading axis. Everything else is shared. Works on
 any pytree shaped like the params (e.g. Adam moments) and keeps `nn.Partitioned` boxes consistent.
+
+`convert_tree` converts every params-shaped subtree of a larger tree (a whole optimizer state);
+`take_abstract` / `join_abstract` do the same on `jax.ShapeDtypeStruct`s (or checkpoint metadata),
+moving a `NamedSharding`'s spec with the layer axis, so a restore can be planned without data.
 """
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 
-def is_scanned(tree: dict[str, Any]) -> bool:
+def is_scanned(tree: Mapping[str, Any]) -> bool:
   return "layers" in tree
 
 
-def unstack(tree: dict[str, Any], period: int) -> dict[str, Any]:
-  """Scanned layout -> unrolled layout (plain arrays)."""
+def period_of(tree: Mapping[str, Any]) -> int:
+  """Blocks per scanned group (the attention pattern's length) of a scanned tree."""
+  return sum(1 for k in tree["layers"] if k.startswith("block_"))
+
+
+def _take(x, g: int):
+  return x[g]
+
+
+def _join(*xs):
+  return jnp.stack(xs)
+
+
+def unstack(tree: Mapping[str, Any], period: int,
+            take: Callable[[Any, int], Any] = _take) -> dict[str, Any]:
+  """Scanned layout -> unrolled layout (plain arrays); `take(x, g)` picks group g of a leaf."""
   if not is_scanned(tree):
-    return tree
+    return dict(tree)
   out = {k: v for k, v in tree.items() if k != "layers"}
   groups = nn.meta.unbox(tree["layers"])
   n_groups = jax.tree.leaves(groups)[0].shape[0]
   for g in range(n_groups):
     for j in range(period):
-      out[f"block_{g * period + j}"] = jax.tree.map(lambda x, g=g: x[g], groups[f"block_{j}"])
+      out[f"block_{g * period + j}"] = jax.tree.map(lambda x, g=g: take(x, g), groups[f"block_{j}"])
   return out
 
 
-def stack(tree: dict[str, Any], period: int) -> dict[str, Any]:
-  """Unrolled layout -> scanned layout (plain arrays)."""
+def stack(tree: Mapping[str, Any], period: int, join: Callable[..., Any] = _join) -> dict[str, Any]:
+  """Unrolled layout -> scanned layout (plain arrays); `join(*xs)` stacks one leaf's layers."""
   if is_scanned(tree):
-    return tree
+    return dict(tree)
   n_layers = sum(1 for k in tree if k.startswith("block_"))
   out = {k: v for k, v in tree.items() if not k.startswith("block_")}
   out["layers"] = {
-      f"block_{j}": jax.tree.map(lambda *xs: jnp.stack(xs),
-                                 *[nn.meta.unbox(tree[f"block_{l}"])
-                                   for l in range(j, n_layers, period)])
+      f"block_{j}": jax.tree.map(join, *[nn.meta.unbox(tree[f"block_{l}"])
+                                         for l in range(j, n_layers, period)])
       for j in range(period)}
   return out
 
 
-def convert(tree: dict[str, Any], scan_layers: bool, period: int) -> dict[str, Any]:
+def convert(tree: Mapping[str, Any], scan_layers: bool, period: int, take=_take,
+            join=_join) -> dict[str, Any]:
   """Returns `tree` in the layout that `scan_layers` asks for."""
-  return stack(tree, period) if scan_layers else unstack(tree, period)
+  return stack(tree, period, join) if scan_layers else unstack(tree, period, take)
+
+
+def _is_params_like(x) -> bool:
+  return isinstance(x, Mapping) and ("layers" in x or "block_0" in x)
+
+
+def convert_tree(tree: Any, scan_layers: bool, period: int, take=_take, join=_join) -> Any:
+  """`convert` applied to every params-shaped subtree of `tree` (params, Adam mu and nu, ...)."""
+  return jax.tree.map(
+      lambda x: convert(x, scan_layers, period, take, join) if _is_params_like(x) else x, tree,
+      is_leaf=_is_params_like)
+
+
+def take_abstract(x, g: int) -> jax.ShapeDtypeStruct:
+  """The abstract value of `x[g]` for anything with a shape and dtype; drops the spec's axis 0."""
+  del g
+  sharding = x.sharding if isinstance(getattr(x, "sharding", None), NamedSharding) else None
+  if sharding is not None:
+    sharding = NamedSharding(sharding.mesh, P(*sharding.spec[1:]))
+  return jax.ShapeDtypeStruct(tuple(x.shape[1:]), x.dtype, sharding=sharding)
+
+
+def join_abstract(*xs) -> jax.ShapeDtypeStruct:
+  """The abstract value of `jnp.stack(xs)`; the new leading axis is replicated."""
+  x = xs[0]
+  sharding = x.sharding if isinstance(getattr(x, "sharding", None), NamedSharding) else None
+  if sharding is not None:
+    sharding = NamedSharding(sharding.mesh, P(None, *sharding.spec))
+  return jax.ShapeDtypeStruct((len(xs),) + tuple(x.shape), x.dtype, sharding=sharding)

@@ -15,6 +15,7 @@ import signal
 import time
 from typing import Any
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -22,7 +23,8 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from gptjax import accounting, checkpoint, config as config_lib, generate, metrics as metrics_lib
-from gptjax import sharding
+from gptjax import evaluate as evaluate_lib, sharding
+from gptjax import distill, train as train_lib
 from gptjax.config import ConfigError
 from gptjax.data import pipeline, tokenizer as tokenizer_lib
 from gptjax.train import Trainer
@@ -37,6 +39,11 @@ def _log(msg: str) -> None:
     print(f"gptjax: {msg}", flush=True)
 
 
+# Model settings a run may change when it resumes: they leave the parameters as they are (the
+# vocabulary is set from the run's own tokenizer; checkpoints restore across scan layouts).
+_SAME_PARAMS = ("vocab_size", "scan_layers", "remat", "dtype", "attention_impl")
+
+
 def _check_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> None:
   """Refuses a workdir that holds a run of another model, or that cannot be written."""
   saved = os.path.join(workdir, "config.json")
@@ -44,7 +51,7 @@ def _check_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> None:
     with open(saved, encoding="utf-8") as f:
       old = json.load(f)["model"]
     new = json.loads(cfg.model.to_json_best_effort())
-    diff = sorted(k for k in new if k != "vocab_size" and old.get(k) != new[k])
+    diff = sorted(k for k in new if k not in _SAME_PARAMS and old.get(k) != new[k])
     if diff and os.path.isdir(os.path.join(workdir, "checkpoints")):
       raise ConfigError(
           f"workdir {workdir!r} holds a run of a different model (model.{', model.'.join(diff)}: "
@@ -136,10 +143,21 @@ class _StopSignal:
     return bool(multihost_utils.process_allgather(np.array(self.requested)).any())
 
 
+def _objective(cfg: ml_collections.ConfigDict, tokenizer) -> dict[str, Any]:
+  """Trainer.build's loss_fn / init_params for `cfg.compress`: distillation and/or QAT."""
+  kwargs = distill.objective(cfg, tokenizer) if cfg.compress.distill.teacher else {}
+  if cfg.compress.qat.enabled:
+    from gptjax import quantize  # pylint: disable=import-outside-toplevel  (Qwix only when used)
+    spec = quantize.Spec.from_qat_config(cfg.compress.qat)
+    kwargs["loss_fn"] = quantize.qat_loss(kwargs.get("loss_fn", train_lib.lm_loss_sum), spec)
+  return kwargs
+
+
 def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str, Any]:
   """Trains (or resumes) as the config says. Returns a summary of the run."""
   tokenizer, mesh = prepare(cfg, workdir, devices)
-  trainer = Trainer.build(cfg, mesh)
+  trainer = Trainer.build(cfg, mesh, **_objective(cfg, tokenizer))
+  suite = evaluate_lib.Suite.from_config(cfg, trainer, tokenizer)  # eval.tasks files checked now
   plan, t, ck = trainer.run, cfg.train, cfg.checkpoint
   args = trainer.model.args
   counts = accounting.param_counts(args)
@@ -148,11 +166,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str,
                            global_batch=plan.micro_batch, seed=cfg.seed)
   eval_ds = pipeline.make_eval(cfg.data, tokenizer, seq_len=plan.seq_len,
                                global_batch=plan.micro_batch, num_batches=t.eval_batches)
-  ckpt = checkpoint.Checkpointer(workdir, ck)
+  ckpt = checkpoint.Checkpointer(workdir, ck, config=cfg)
   restored = ckpt.restore_latest(trainer.abstract_state)
   if restored:
     state, meta = restored
-    train_it.set_state(meta["data"])
+    train_it.set_state(checkpoint.resume_data_state(meta, cfg, plan))
     _log(f"resuming from the checkpoint at step {meta['step']} ({meta['tokens']:,} tokens seen)")
   else:
     state = trainer.init_state()
@@ -160,6 +178,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str,
       abstract = trainer.abstract_state.params
       state = state.replace(params=checkpoint.restore_params(ck.restore_from, abstract))
       _log(f"starting from the weights of {ck.restore_from} (fresh optimizer state)")
+  if cfg.compress.distill.teacher:  # the frozen teacher is not part of the run's checkpoints
+    state = state.replace(frozen=distill.restore_teacher(cfg, trainer.abstract_state.frozen))
   write_config(cfg, workdir)  # only now: every check above passed
   _log(f"{cfg.name}, {counts.total:,} params, mesh {dict(mesh.shape)}, {plan.total_steps} steps "
        f"of {plan.max_accum * plan.micro_batch} x {plan.seq_len} tokens")
@@ -195,6 +215,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str,
         row = {}
         if t.eval_every and done % t.eval_every == 0 or is_last:
           row["val_loss"] = val_loss = summary["val_loss"] = evaluate(trainer, state.params, eval_ds)
+          row.update(suite.metrics(state.params))  # eval/<task>/<metric>; {} without eval.tasks
         if done % t.log_every == 0 or is_last or row or is_save:
           fetched = jax.device_get(pending)
           pending = []
@@ -261,11 +282,12 @@ def _check_finite(fetched: list[dict[str, Any]], done: int, t: ml_collections.Co
 def write_samples(trainer: Trainer, params, tokenizer, workdir: str, n_tokens: int,
                   seed: int) -> list[str]:
   """Samples a continuation of a few fixed prompts; prints them and writes `samples.txt`."""
-  texts = []
-  for i, prompt in enumerate(["The ", "def "]):
-    ids = tokenizer.encode(prompt)
-    new = generate.sample(trainer.model, jax.device_get(params), [ids], n_tokens, seed=seed + i)[0]
-    texts.append(tokenizer.decode(list(ids) + list(new)))
+  prompts = [tokenizer.encode(p) for p in ("The ", "def ")]
+  with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
+    samples = generate.generate(trainer.model, params, prompts,
+                                min(n_tokens, trainer.model.args.ctx - 1), temperature=0.8,
+                                top_k=40, eos_id=tokenizer.eos_id, seed=seed)
+  texts = [tokenizer.decode(list(ids) + new) for ids, new in zip(prompts, samples)]
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "samples.txt"), "w", encoding="utf-8") as f:
       f.write("\n\n-----\n\n".join(texts) + "\n")

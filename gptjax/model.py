@@ -56,6 +56,9 @@ class ModelArgs:
   scan_layers: bool = True
   remat: str = "none"
   dtype: Any = jnp.float32
+  # Fine-tuning additions (gptjax/peft.py); 0 = absent, leaving the parameter tree as it is.
+  adapter_dim: int = 0  # Houlsby adapter bottleneck after attention and after the MLP
+  prefix_len: int = 0  # learned key/value prefix positions per layer (prefix tuning)
 
   @classmethod
   def from_config(cls, m) -> "ModelArgs":
@@ -122,13 +125,24 @@ class Linear(nn.Module):
 
 
 class Attention(nn.Module):
-  """Causal multi-head self-attention; `window` makes it locally banded (GPT-3 sparse layers)."""
+  """Causal multi-head self-attention; `window` makes it locally banded (GPT-3 sparse layers).
+
+  With `decode=True` it keeps a KV cache in the 'cache' collection: `cached_key`/`cached_value`
+  [B, N, T, H] (heads-major, the layout the attention matmuls read without a transpose),
+  `cached_positions` [B, T] (the position of the token in each slot; -1 = empty or padding) and
+  `index` (the next slot to write, shared by all rows). Each call appends its L tokens
+  at `index` and attends over the whole cache, masked by positions, so left-padded prompts of
+  different lengths work. The first call, when no cache exists yet, only creates an empty one with
+  T = L (use `init_cache`).
+  """
 
   args: ModelArgs
   window: int | None = None
+  decode: bool = False
 
   @nn.compact
-  def __call__(self, x_BxLxD: Array, segment_ids_BxL: Array | None, deterministic: bool) -> Array:
+  def __call__(self, x_BxLxD: Array, segment_ids_BxL: Array | None, deterministic: bool,
+               positions_BxL: Array | None = None) -> Array:
     a = self.args
     resid_std = a.init_std / math.sqrt(2 * a.n_layers)
     qkv_BxLx3xNxH = Linear((a.d_model,), (3, a.n_heads, a.d_head), ("embed", None, "heads", "kv"),
@@ -139,7 +153,11 @@ class Attention(nn.Module):
         for i in range(3))
 
     length = x_BxLxD.shape[1]
-    if a.attn_dropout > 0.0 and not deterministic:
+    if self.decode:
+      out_BxLxNxH = self._cached(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, positions_BxL)
+    elif a.prefix_len:  # prefix tuning: every query also sees this layer's learned K/V prefix
+      out_BxLxNxH = self._prefixed(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, segment_ids_BxL, deterministic)
+    elif a.attn_dropout > 0.0 and not deterministic:
       # jax.nn.dot_product_attention has no dropout; the Flax reference path does.
       out_BxLxNxH = nn.dot_product_attention(
           q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, mask=_causal_mask(length, self.window, segment_ids_BxL),
@@ -161,6 +179,67 @@ class Attention(nn.Module):
     out_BxLxNxH = nn.with_logical_constraint(out_BxLxNxH, ("batch", "length", "heads", "kv"))
     return Linear((a.n_heads, a.d_head), (a.d_model,), ("heads", "kv", "embed"), resid_std, a.dtype,
                   name="out")(out_BxLxNxH)
+
+  def _cached(self, q_BxLxNxH: Array, k_BxLxNxH: Array, v_BxLxNxH: Array,
+              positions_BxL: Array) -> Array:
+    """Appends k, v at the cache index, then attends over the cache (decode mode)."""
+    b, length, n, h = k_BxLxNxH.shape
+    creating = not self.has_variable("cache", "cached_key")
+    key = self.variable("cache", "cached_key", jnp.zeros, (b, n, length, h), k_BxLxNxH.dtype)
+    value = self.variable("cache", "cached_value", jnp.zeros, (b, n, length, h), v_BxLxNxH.dtype)
+    pos = self.variable("cache", "cached_positions", jnp.full, (b, length), -1, jnp.int32)
+    index = self.variable("cache", "index", jnp.zeros, (), jnp.int32)
+    if creating:
+      return jnp.zeros_like(q_BxLxNxH)
+    i = index.value
+
+    def append(cache_BxNxTxH, new_BxLxNxH):
+      new_BxNxLxH = new_BxLxNxH.transpose(0, 2, 1, 3).astype(cache_BxNxTxH.dtype)
+      return nn.with_logical_constraint(
+          jax.lax.dynamic_update_slice(cache_BxNxTxH, new_BxNxLxH, (0, 0, i, 0)),
+          ("batch", "heads", "length", "kv"))
+
+    k_BxNxTxH, v_BxNxTxH = append(key.value, k_BxLxNxH), append(value.value, v_BxLxNxH)
+    pos_BxT = jax.lax.dynamic_update_slice(pos.value, positions_BxL.astype(jnp.int32), (0, i))
+    key.value, value.value, pos.value, index.value = k_BxNxTxH, v_BxNxTxH, pos_BxT, i + length
+    mask_Bx1xLxT = _position_mask(positions_BxL, pos_BxT, self.window)
+    if self.args.prefix_len:  # prefix tuning: the learned K/V prefix, seen by every query, first
+      a, prefix = self.args, self.args.prefix_len
+
+      def prefixed(name, cache_BxNxTxH):
+        p_PxNxH = self.param(name, _normal(a.init_std, (None, "heads", "kv")), (prefix, n, h),
+                             jnp.float32)
+        p_BxNxPxH = jnp.broadcast_to(p_PxNxH.astype(cache_BxNxTxH.dtype).transpose(1, 0, 2),
+                                     (b, n, prefix, h))
+        return jnp.concatenate([p_BxNxPxH, cache_BxNxTxH], axis=2)
+
+      k_BxNxTxH, v_BxNxTxH = prefixed("prefix_key", k_BxNxTxH), prefixed("prefix_value", v_BxNxTxH)
+      mask_Bx1xLxT = jnp.concatenate(
+          [jnp.ones(mask_Bx1xLxT.shape[:3] + (prefix,), bool), mask_Bx1xLxT], axis=-1)
+    return _cached_attention(q_BxLxNxH, k_BxNxTxH, v_BxNxTxH, mask_Bx1xLxT)
+
+  def _prefixed(self, q_BxLxNxH: Array, k_BxLxNxH: Array, v_BxLxNxH: Array,
+                segment_ids_BxL: Array | None, deterministic: bool) -> Array:
+    """Attention over [prefix; keys]: P learned key/value positions every query (and segment)
+    sees before its causal window (Li & Liang 2021)."""
+    a = self.args
+    b, length = k_BxLxNxH.shape[:2]
+
+    def with_prefix(name, x_BxLxNxH):
+      p_PxNxH = self.param(name, _normal(a.init_std, (None, "heads", "kv")),
+                           (a.prefix_len, a.n_heads, a.d_head), jnp.float32)
+      p_BxPxNxH = jnp.broadcast_to(p_PxNxH.astype(x_BxLxNxH.dtype), (b,) + p_PxNxH.shape)
+      return jnp.concatenate([p_BxPxNxH, x_BxLxNxH], axis=1)
+
+    k_BxTxNxH, v_BxTxNxH = with_prefix("prefix_key", k_BxLxNxH), with_prefix("prefix_value",
+                                                                               v_BxLxNxH)
+    causal = _causal_mask(length, self.window, segment_ids_BxL)
+    mask = jnp.concatenate([jnp.ones(causal.shape[:3] + (a.prefix_len,), bool), causal], axis=-1)
+    if a.attn_dropout > 0.0 and not deterministic:
+      return nn.dot_product_attention(
+          q_BxLxNxH, k_BxTxNxH, v_BxTxNxH, mask=mask, dropout_rate=a.attn_dropout,
+          dropout_rng=self.make_rng("dropout"), deterministic=False, dtype=a.dtype)
+    return _xla_attention(q_BxLxNxH, k_BxTxNxH, v_BxTxNxH, mask)
 
 
 @jax.custom_vjp
@@ -197,6 +276,26 @@ def _xla_attention(q_BxLxNxH: Array, k_BxLxNxH: Array, v_BxLxNxH: Array, mask: A
                              jnp.finfo(jnp.float32).min)
   probs_BxNxLxL = _softmax(scores_BxNxLxL).astype(v_BxLxNxH.dtype)
   return jnp.einsum("bnqk,bknh->bqnh", probs_BxNxLxL, v_BxLxNxH)
+
+
+def _cached_attention(q_BxLxNxH: Array, k_BxNxTxH: Array, v_BxNxTxH: Array,
+                      mask_Bx1xLxT: Array) -> Array:
+  """softmax(q k^T / sqrt(H), masked) v for L queries over T cached keys (no backward pass)."""
+  scores_BxNxLxT = jnp.einsum("blnh,bnth->bnlt", q_BxLxNxH, k_BxNxTxH,
+                              preferred_element_type=jnp.float32)
+  scores_BxNxLxT = jnp.where(mask_Bx1xLxT, scores_BxNxLxT / math.sqrt(q_BxLxNxH.shape[-1]),
+                             jnp.finfo(jnp.float32).min)
+  probs_BxNxLxT = jax.nn.softmax(scores_BxNxLxT, axis=-1).astype(v_BxNxTxH.dtype)
+  return jnp.einsum("bnlt,bnth->blnh", probs_BxNxLxT, v_BxNxTxH)
+
+
+def _position_mask(q_pos_BxL: Array, k_pos_BxT: Array, window: int | None) -> Array:
+  """Boolean [B, 1, L, T] mask by positions: q sees k iff 0 <= k <= q (and q - k < window)."""
+  q, k = q_pos_BxL[:, None, :, None], k_pos_BxT[:, None, None, :]
+  mask = (k >= 0) & (k <= q)
+  if window is not None:
+    mask &= q - k < window
+  return mask
 
 
 def _causal_mask(length: int, window: int | None, segment_ids_BxL: Array | None) -> Array:
@@ -238,30 +337,54 @@ class _GeluLinear(Linear):
                                                        ("batch", "length", "mlp")))
 
 
+class Adapter(nn.Module):
+  """Houlsby adapter: x + up(gelu(down(x))), D -> adapter_dim -> D; `up` starts at zero, so the
+  adapter starts as the identity."""
+
+  args: ModelArgs
+
+  @nn.compact
+  def __call__(self, x_BxLxD: Array) -> Array:
+    a = self.args
+    h_BxLxA = Linear((a.d_model,), (a.adapter_dim,), ("embed", None), a.init_std, a.dtype,
+                     name="down")(x_BxLxD)
+    up = Linear((a.adapter_dim,), (a.d_model,), (None, "embed"), 0.0, a.dtype, name="up")
+    return x_BxLxD + up(jax.nn.gelu(h_BxLxA, approximate=True))
+
+
 class Block(nn.Module):
   """One transformer block, pre-LN (GPT-2/3) or post-LN (GPT-1)."""
 
   args: ModelArgs
   window: int | None = None
+  decode: bool = False
 
   @nn.compact
-  def __call__(self, x_BxLxD: Array, segment_ids_BxL: Array | None, deterministic: bool) -> Array:
+  def __call__(self, x_BxLxD: Array, segment_ids_BxL: Array | None, deterministic: bool,
+               positions_BxL: Array | None = None) -> Array:
     a = self.args
-    attn = Attention(a, self.window, name="attn")
+    attn = Attention(a, self.window, self.decode, name="attn")
     mlp = MLP(a, name="mlp")
+    if a.adapter_dim:  # adapters on each sub-block's output, before the residual add (Houlsby)
+      attn = _then(attn, Adapter(a, name="adapter_attn"))
+      mlp = _then(mlp, Adapter(a, name="adapter_mlp"))
     drop = nn.Dropout(a.resid_dropout, deterministic=deterministic)
     ln_1, ln_2 = _layer_norm(a, "ln_1"), _layer_norm(a, "ln_2")
     if a.norm == "pre":
-      x_BxLxD = x_BxLxD + drop(attn(ln_1(x_BxLxD), segment_ids_BxL, deterministic))
+      x_BxLxD = x_BxLxD + drop(attn(ln_1(x_BxLxD), segment_ids_BxL, deterministic, positions_BxL))
       x_BxLxD = x_BxLxD + drop(mlp(ln_2(x_BxLxD)))
     else:
-      x_BxLxD = ln_1(x_BxLxD + drop(attn(x_BxLxD, segment_ids_BxL, deterministic)))
+      x_BxLxD = ln_1(x_BxLxD + drop(attn(x_BxLxD, segment_ids_BxL, deterministic, positions_BxL)))
       x_BxLxD = ln_2(x_BxLxD + drop(mlp(x_BxLxD)))
     return nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
 
 
-def _block_class(args: ModelArgs, in_scan: bool):
-  if args.remat == "none":
+def _then(f, g):
+  return lambda *xs: g(f(*xs))
+
+
+def _block_class(args: ModelArgs, in_scan: bool, decode: bool = False):
+  if args.remat == "none" or decode:  # decoding has no backward pass to save memory for
     return Block
   # Inside nn.scan the loop already prevents CSE across layers; outside it we must ask for it.
   return nn.remat(Block, policy=REMAT_POLICIES[args.remat], prevent_cse=not in_scan,
@@ -275,13 +398,15 @@ class BlockGroup(nn.Module):
   """
 
   args: ModelArgs
+  decode: bool = False
 
   @nn.compact
-  def __call__(self, x_BxLxD: Array, segment_ids_BxL: Array | None, deterministic: bool):
-    block = _block_class(self.args, in_scan=True)
+  def __call__(self, x_BxLxD: Array, segment_ids_BxL: Array | None, deterministic: bool,
+               positions_BxL: Array | None):
+    block = _block_class(self.args, in_scan=True, decode=self.decode)
     for i in range(len(self.args.pattern)):
-      x_BxLxD = block(self.args, self.args.window(i), name=f"block_{i}")(
-          x_BxLxD, segment_ids_BxL, deterministic)
+      x_BxLxD = block(self.args, self.args.window(i), self.decode, name=f"block_{i}")(
+          x_BxLxD, segment_ids_BxL, deterministic, positions_BxL)
     return x_BxLxD, None
 
 
@@ -291,9 +416,15 @@ class GPT(nn.Module):
   Parameter layout: `wte` [V, D] and `wpe` [ctx, D] embeddings; blocks either stacked by `nn.scan`
   under `layers/block_{i}` with a leading `layers` axis of n_layers / period, or unrolled as
   `block_{l}`; `ln_f` (pre-LN only); `lm_head` [D, V] only if embeddings are untied.
+
+  `GPT(args, decode=True)` is the same network for autoregressive decoding: every attention layer
+  keeps a KV cache in the 'cache' collection (stacked like the params when layers are scanned).
+  Call it with `mutable=["cache"]`, explicit positions (negative = padding), a cache from
+  `init_cache`, first on the whole left-padded prompt, then on one token per row at a time.
   """
 
   args: ModelArgs
+  decode: bool = False
 
   def setup(self):
     a = self.args
@@ -305,12 +436,14 @@ class GPT(nn.Module):
     period = len(a.pattern)
     if a.scan_layers:
       self.layers = nn.scan(
-          BlockGroup, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-          in_axes=(nn.broadcast, nn.broadcast), length=a.n_layers // period,
-          metadata_params={nn.PARTITION_NAME: "layers"})(a, name="layers")
+          BlockGroup, variable_axes={"params": 0, "cache": 0},
+          split_rngs={"params": True, "dropout": True},
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=a.n_layers // period,
+          metadata_params={nn.PARTITION_NAME: "layers"})(a, self.decode, name="layers")
     else:
-      block = _block_class(a, in_scan=False)
-      self.blocks = [block(a, a.window(i), name=f"block_{i}") for i in range(a.n_layers)]
+      block = _block_class(a, in_scan=False, decode=self.decode)
+      self.blocks = [block(a, a.window(i), self.decode, name=f"block_{i}")
+                     for i in range(a.n_layers)]
     if a.norm == "pre":
       self.ln_f = _layer_norm(a, "ln_f")
     if not a.tie_embeddings:
@@ -321,16 +454,21 @@ class GPT(nn.Module):
              segment_ids_BxL: Array | None = None, deterministic: bool = True) -> Array:
     """Final hidden states [B, L, D] (after the final LayerNorm for pre-LN models)."""
     a = self.args
-    if positions_BxL is None:
+    cache_positions_BxL = None
+    if self.decode:
+      if positions_BxL is None:
+        raise ValueError("GPT(decode=True) needs positions_BxL (negative for padding)")
+      cache_positions_BxL, positions_BxL = positions_BxL, jnp.maximum(positions_BxL, 0)
+    elif positions_BxL is None:
       positions_BxL = jnp.arange(tokens_BxL.shape[1])[None, :]
     x_BxLxD = self.wte(tokens_BxL) + self.wpe(positions_BxL)
     x_BxLxD = self.embd_drop(x_BxLxD, deterministic=deterministic)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
     if a.scan_layers:
-      x_BxLxD, _ = self.layers(x_BxLxD, segment_ids_BxL, deterministic)
+      x_BxLxD, _ = self.layers(x_BxLxD, segment_ids_BxL, deterministic, cache_positions_BxL)
     else:
       for block in self.blocks:
-        x_BxLxD = block(x_BxLxD, segment_ids_BxL, deterministic)
+        x_BxLxD = block(x_BxLxD, segment_ids_BxL, deterministic, cache_positions_BxL)
     if a.norm == "pre":
       x_BxLxD = self.ln_f(x_BxLxD)
     return x_BxLxD
@@ -356,8 +494,30 @@ class GPT(nn.Module):
 
     Args:
       tokens_BxL: int token ids.
-      positions_BxL: position ids (default 0..L-1), e.g. for left-padded prompts.
+      positions_BxL: position ids (default 0..L-1), e.g. for left-padded prompts. In decode mode
+        required, and negative ids mark padding, which no token attends to.
       segment_ids_BxL: document numbers; attention never crosses a change of segment.
       deterministic: False enables dropout (needs a 'dropout' rng).
     """
     return self.logits(self.hidden(tokens_BxL, positions_BxL, segment_ids_BxL, deterministic))
+
+
+def init_cache(model: GPT, params, batch: int, length: int) -> Any:
+  """An empty KV cache: the 'cache' collection of `GPT(args, decode=True)`.
+
+  Call it under jit: the forward pass that sizes the cache is thrown away and compiled out.
+
+  Args:
+    model: the GPT (decode or not).
+    params: its parameters.
+    batch: rows B.
+    length: slots T, the most tokens (prompt with its padding, plus new ones) a row will hold.
+
+  Returns:
+    The cache pytree: per attention layer `cached_key`/`cached_value` [B, N, T, H],
+    `cached_positions` [B, T] (all -1) and `index` 0; with a leading layers axis when scanned.
+  """
+  tokens_BxT = jnp.zeros((batch, length), jnp.int32)
+  _, variables = model.clone(decode=True).apply(
+      {"params": params}, tokens_BxT, jnp.full((batch, length), -1, jnp.int32), mutable=["cache"])
+  return variables["cache"]

@@ -13,6 +13,7 @@ import jax
 import ml_collections
 import optax
 
+from gptjax import prune
 from gptjax.config import ConfigError
 
 
@@ -148,4 +149,6 @@ def make(cfg: ml_collections.ConfigDict, run: RunPlan) -> tuple[optax.GradientTr
   tx = optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw) if o.clip_norm else adamw
   if cfg.train.nonfinite == "skip":  # drop updates whose gradients hold NaN/inf
     tx = optax.apply_if_finite(tx, max_consecutive_errors=cfg.train.max_skips)
+  if cfg.compress.prune.method != "none":  # last: pruned weights land on, and stay at, zero
+    tx = optax.chain(tx, prune.transform(cfg.compress.prune, run.total_steps))
   return tx, lr

@@ -1,0 +1,54 @@
+"""Evaluates a trained run's checkpoint on downstream tasks; prints a table and writes JSON.
+
+  python scripts/evaluate.py --workdir=runs/tiny --tasks=qa:tests/data/mc.jsonl:mc
+  python scripts/evaluate.py --workdir=runs/x --step=2000 --shots=3 --val_docs=100 \\
+      --tasks=qa:data/qa.jsonl:mc:data/qa_pool.jsonl,lam:data/lambada.jsonl:lambada
+
+Task specs and file schemas: gptjax/evaluate.py. Results go to <workdir>/eval/step_<N>.json.
+"""
+
+from absl import app, flags, logging
+
+from gptjax import evaluate
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by scripts/train.py.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
+_TASKS = flags.DEFINE_string("tasks", "", "Comma-separated name:path:kind[:fewshot_path]; kind is "
+                             "mc, lambada or ppl.")
+_VAL_DOCS = flags.DEFINE_integer("val_docs", 0, "Also score perplexity and bits per byte on this "
+                                 "many validation documents of the run's data source (0 = none).")
+_SHOTS = flags.DEFINE_integer("shots", 0, "Few-shot demonstrations before each example.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the few-shot draw.")
+_BATCH = flags.DEFINE_integer("batch_size", 0, "Sequences per scoring batch (0 = the run's "
+                              "micro-batch).")
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+  del argv
+  if not flags.FLAGS["verbosity"].present:  # Orbax warns about read-only restores: expected here
+    logging.set_verbosity(logging.ERROR)
+  if _SHOTS.value < 0 or _SEED.value < 0:
+    raise app.UsageError("--shots and --seed must be >= 0")
+  tasks = evaluate.load_tasks(_TASKS.value, "--tasks", _SHOTS.value)  # every file checked first
+  run = evaluate.load_run(_WORKDIR.value, _STEP.value)
+  if _VAL_DOCS.value:
+    if any(t.name == "val" for t in tasks):
+      raise app.UsageError("--val_docs adds a task named 'val'; rename the --tasks one")
+    tasks.append(evaluate.validation_task(run.cfg.data, _VAL_DOCS.value))
+  if not tasks:
+    raise app.UsageError("nothing to evaluate: give --tasks and/or --val_docs")
+  trainer = run.trainer
+  scorer = evaluate.Scorer(trainer.model, run.tokenizer, _BATCH.value or trainer.run.micro_batch,
+                           trainer.mesh, trainer.rules)
+  results = evaluate.run_tasks(scorer, run.params, tasks, _SHOTS.value, _SEED.value)
+  path = evaluate.write_results(_WORKDIR.value, run.step, {
+      "workdir": _WORKDIR.value, "step": run.step, "shots": _SHOTS.value, "seed": _SEED.value,
+      "tasks": results})
+  print(f"step {run.step} of {_WORKDIR.value}, {_SHOTS.value}-shot")
+  print(evaluate.format_table(results))
+  print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  app.run(main)

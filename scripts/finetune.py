@@ -1,0 +1,38 @@
+"""Fine-tunes a pre-trained GPT as the config's `finetune` section says.
+
+  python scripts/finetune.py --config=configs/finetune_gpt1.py:multiple_choice --workdir=runs/mc \
+      --config.finetune.base=runs/tiny --config.finetune.train_path=train.jsonl
+  python scripts/finetune.py --config=configs/finetune_sft.py:lora --workdir=runs/sft \
+      --config.finetune.base=path/to/hf-gpt2 --config.finetune.train_path=pairs.jsonl
+
+Running the same command again resumes from the workdir's latest checkpoint.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from gptjax import distributed, finetune
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Preset file, e.g. configs/finetune_sft.py:lora.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config, checkpoints, metrics, logs.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0, for a multi-process run.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process' index in a multi-process run.")
+_TIMEOUT = flags.DEFINE_integer("distributed_timeout_s", distributed.DEFAULT_TIMEOUT_S,
+                                "How long to wait for the other processes to join.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  if not flags.FLAGS["verbosity"].present:  # keep the terminal for the progress bar and results
+    logging.set_verbosity(logging.WARNING)
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                         timeout_s=_TIMEOUT.value)
+  finetune.run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
