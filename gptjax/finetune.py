@@ -266,7 +266,7 @@ class FineTune:
     params, new = self.trunk(state), max(len(c) for _, c in pairs)
     with self._ctx():
       out = generate.generate(self.model, params, [p for p, _ in pairs], new, temperature=0.0,
-                              eos_id=eos_id, use_cache=self.model.args.prefix_len == 0)
+                              eos_id=eos_id)
     return float(np.mean([list(o) == list(c) for o, (_, c) in zip(out, pairs)]))
 
 
@@ -367,7 +367,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str,
        f"{trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%), "
        f"{plan.total_steps} steps")
   if train.truncated:
-    _log(f"{train.truncated} training examples were cut to {fmt.seq_len} tokens")
+    _log(f"{train.truncated} training sequences were cut to {fmt.seq_len} tokens")
 
   ds = sft.train_batches(train.rows, micro_batch=plan.micro_batch, seed=cfg.seed)
   val_batches = [_host_part(b) for b in sft.eval_batches(val.rows, plan.micro_batch)] if val else []

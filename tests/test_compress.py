@@ -3,6 +3,8 @@
 import functools
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +20,8 @@ from gptjax.config import ConfigError
 from gptjax.model import GPT, ModelArgs
 
 VOCAB, LENGTH = 250, 32
+METHODS = ("baseline", "int8", "int4", "float+ft", "qat", "pruned50", "pruned24", "student",
+           "distilled")  # scripts/compress.py's table rows, in order
 
 
 def small_cfg(steps=40, data=1, fsdp=1, tensor=1, **model):
@@ -427,22 +431,14 @@ def test_a_distilled_student_beats_the_same_student_trained_alone(tmp_path):
 
 @pytest.mark.slow
 def test_the_compress_script_tabulates_every_method(tmp_path):
-  from absl.testing import flagsaver  # pylint: disable=import-outside-toplevel
-  import importlib.util  # pylint: disable=import-outside-toplevel
-
   loop.run(corpus_cfg(tmp_path, steps=40), str(tmp_path / "run"), devices=jax.devices()[:1])
-  spec = importlib.util.spec_from_file_location(
-      "compress_script", os.path.join(os.path.dirname(__file__), "..", "scripts", "compress.py"))
-  script = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(script)
-  flags = __import__("absl.flags").flags
-  flags.FLAGS.mark_as_parsed()
-  with flagsaver.flagsaver(workdir=str(tmp_path / "run"), out=str(tmp_path / "out"),
-                           finetune_steps=8, student_steps=10, val_docs=8, decode_tokens=8,
-                           group_size=32, num_devices=1):
-    script.main([])
+  script = os.path.join(os.path.dirname(__file__), "..", "scripts", "compress.py")
+  subprocess.run([sys.executable, script, f"--workdir={tmp_path / 'run'}",
+                  f"--out={tmp_path / 'out'}",
+                  "--finetune_steps=8", "--student_steps=10", "--val_docs=8", "--decode_tokens=8",
+                  "--group_size=32", "--num_devices=1"], check=True)
   rows = json.load(open(tmp_path / "out" / "results.json", encoding="utf-8"))
-  assert list(rows) == list(script.METHODS)
+  assert list(rows) == list(METHODS)
   base = rows["baseline"]
   assert base["checkpoint_mib"] / rows["int8"]["checkpoint_mib"] > 2.5  # Orbax metadata weighs
   assert abs(rows["int8"]["val_nll"] / base["val_nll"] - 1) < 0.01

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from gptjax import heads, layout, peft
+from gptjax import generate, heads, layout, peft
 from gptjax.config import ConfigError
 from gptjax.data import sft
 from gptjax.model import GPT, Adapter, ModelArgs
@@ -153,6 +153,18 @@ def test_prefix_length_zero_is_the_base_and_prefixes_keep_causality_and_segments
   unrolled = dataclasses.replace(args, scan_layers=False)
   np.testing.assert_allclose(logits(unrolled, layout.unstack(nn.meta.unbox(params), 1)), out,
                              rtol=1e-5, atol=1e-5)
+
+
+def test_kv_cache_decoding_with_a_prefix_equals_full_recomputation():
+  args = dataclasses.replace(ARGS, prefix_len=4)
+  params = nn.meta.unbox(random_params(args))
+  prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
+  run = lambda use_cache: generate.generate(GPT(args), params, prompts, 12, temperature=0.0,
+                                            use_cache=use_cache)
+  cached = run(True)
+  assert cached == run(False)
+  plain = generate.generate(GPT(ARGS), without_peft(params), prompts, 12, temperature=0.0)
+  assert cached != plain  # the prefix changes what is generated
 
 
 def test_lora_settings_are_checked_against_the_model():
