@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from gptjax import layout
+from gptjax import model as model_lib
 from gptjax.loss import cross_entropy
 from gptjax.model import GPT, Attention, ModelArgs
 
@@ -99,6 +100,30 @@ def test_matches_numpy_reference(overrides):
                              atol=2e-4, rtol=2e-4)
   if args.padded_vocab > args.vocab_size:  # padded ids can never be predicted
     assert np.all(np.asarray(logits[..., args.vocab_size:]) <= -1e29)
+
+
+@pytest.mark.parametrize("length, window, segments", [
+    (256, None, False), (200, None, True), (200, 70, False), (130, 5, True)])
+def test_blocked_causal_attention_equals_one_masked_product(length, window, segments):
+  """Long sequences skip fully masked query x key blocks; values and gradients stay the same."""
+  rng = np.random.default_rng(length)
+  q, k, v, g = (jnp.asarray(rng.normal(size=(2, length, 3, 8)), jnp.float32) for _ in range(4))
+  seg = jnp.asarray(np.sort(rng.integers(0, 3, (2, length)), axis=1)) if segments else None
+  # Independent reference: numpy, the full [L, L] mask.
+  i, j = np.arange(length)[:, None], np.arange(length)[None, :]
+  allowed = (j <= i) & ((i - j < window) if window else True)
+  allowed = allowed[None, None] & (
+      (np.asarray(seg)[:, None, :, None] == np.asarray(seg)[:, None, None, :]) if segments else True)
+  s = np.einsum("bqnh,bknh->bnqk", q, k) / np.sqrt(8)
+  w = np.exp(np.where(allowed, s, -np.inf) - np.where(allowed, s, -np.inf).max(-1, keepdims=True))
+  expect = np.einsum("bnqk,bknh->bqnh", w / w.sum(-1, keepdims=True), v)
+  blocked = lambda q, k, v: model_lib._blocked_causal_attention(q, k, v, window, seg)
+  full = lambda q, k, v: model_lib._xla_attention(q, k, v,
+                                                  model_lib._causal_mask(length, window, seg))
+  np.testing.assert_allclose(jax.jit(blocked)(q, k, v), expect, rtol=1e-5, atol=1e-5)
+  grads = [jax.jit(jax.vjp(f, q, k, v)[1])(g) for f in (blocked, full)]
+  for got, want in zip(*grads):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_gpt2_init_statistics():
