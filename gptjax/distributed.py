@@ -23,6 +23,7 @@ import socket
 import time
 
 import jax
+from absl import flags
 
 DEFAULT_TIMEOUT_S = 300
 
@@ -125,3 +126,21 @@ def shutdown() -> None:
   """Leaves the run cleanly (a no-op for one process)."""
   if jax.process_count() > 1:
     jax.distributed.shutdown()
+
+
+def define_flags() -> None:
+  """Defines a script's --coordinator_address/--num_processes/--process_id/--distributed_timeout_s
+  (absl flags) for `initialize_from_flags`."""
+  flags.DEFINE_string("coordinator_address", None,
+                      "host:port of process 0, for a multi-process run.")
+  flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+  flags.DEFINE_integer("process_id", None, "This process' index in a multi-process run.")
+  flags.DEFINE_integer("distributed_timeout_s", DEFAULT_TIMEOUT_S,
+                       "How long to wait for the other processes to join.")
+
+
+def initialize_from_flags() -> None:
+  """`initialize` with the flags `define_flags` made (after absl parsed them)."""
+  f = flags.FLAGS
+  initialize(f.coordinator_address, f.num_processes, f.process_id,
+             timeout_s=f.distributed_timeout_s)

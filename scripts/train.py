@@ -16,12 +16,7 @@ from gptjax import distributed, loop
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Preset file, e.g. configs/gpt3.py:small.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config, checkpoints, metrics, logs.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "host:port of process 0, for a multi-process run.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process' index in a multi-process run.")
-_TIMEOUT = flags.DEFINE_integer("distributed_timeout_s", distributed.DEFAULT_TIMEOUT_S,
-                                "How long to wait for the other processes to join.")
+distributed.define_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -29,8 +24,7 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:  # keep the terminal for the progress bar and results
     logging.set_verbosity(logging.WARNING)
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                         timeout_s=_TIMEOUT.value)
+  distributed.initialize_from_flags()
   loop.run(_CONFIG.value, _WORKDIR.value)
 
 
