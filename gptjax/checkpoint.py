@@ -294,6 +294,17 @@ def resume_data_state(meta: dict[str, Any], cfg: ml_collections.ConfigDict, plan
   return {"next_index": state["next_index"] * old_micro // plan.micro_batch}
 
 
+def is_quantized(path: str, step: int | None = None) -> bool:
+  """Whether the checkpoint (the latest, or `step`) was written by `gptjax.quantize.save`."""
+  if not os.path.isdir(checkpoints_dir(path)):
+    return False
+  reader = Reader(path)
+  steps = reader.steps()
+  if not steps or (step is not None and step not in steps):
+    return False
+  return "quantize" in reader.meta(steps[-1] if step is None else step)
+
+
 class Reader:
   """Read-only access to a run's checkpoints, one array at a time (conversion, inspection)."""
 

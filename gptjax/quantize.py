@@ -29,7 +29,6 @@ and sharding layout of the plain step; `config.compress.qat` switches it on.
 import contextlib
 import dataclasses
 import os
-import shutil
 import threading
 import weakref
 from typing import Any
@@ -290,11 +289,8 @@ def save(workdir: str, qparams: Any, spec: Spec, cfg: ml_collections.ConfigDict,
   """
   meta = {"step": step, "config": checkpoint.config_json(cfg), "quantize": dataclasses.asdict(spec)}
   directory = checkpoint.save_params(workdir, step, qparams, meta)
-  for name in (tokenizer_lib.WORKDIR_SPM, tokenizer_lib.WORKDIR_GPT2):
-    src = os.path.join(source or "", name)
-    if source and os.path.exists(src) and jax.process_index() == 0:
-      copy = shutil.copytree if os.path.isdir(src) else shutil.copyfile
-      copy(src, os.path.join(workdir, name))
+  if source and jax.process_index() == 0:
+    tokenizer_lib.copy_saved(source, workdir)
   return directory
 
 

@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=wrong-import-position
 from configs import base
 from gptjax import checkpoint, config, evaluate, generate, loop, quantize
+from gptjax.data import tokenizer as tokenizer_lib
 
 METHODS = ("baseline", "int8", "int4", "float+ft", "qat", "pruned50", "pruned24", "student",
            "distilled")
@@ -150,8 +151,10 @@ def measure(model, params, tokenizer, docs, serve_dir: str) -> dict:
           "params": int(sum(x.size for x in jax.tree.leaves(params)))}
 
 
-def save_float(out: str, params, cfg) -> str:
+def save_float(out: str, params, cfg, source: str) -> str:
+  """A float params-only serving checkpoint with the run's config and tokenizer."""
   checkpoint.save_params(out, 0, params, {"step": 0, "config": checkpoint.config_json(cfg)})
+  tokenizer_lib.copy_saved(source, out)
   return out
 
 
@@ -191,7 +194,7 @@ def main(argv):
     rows[name] = {"how": how, **measure(qmodel, qparams, tok, docs, os.path.join(serve, name))}
 
   def dense(name, r: evaluate.Restored, how):
-    path = save_float(os.path.join(serve, name), r.params, r.cfg)
+    path = save_float(os.path.join(serve, name), r.params, r.cfg, workdir)
     rows[name] = {"how": how, **measure(r.trainer.model, r.params, tok, docs, path)}
 
   ft = f"+{_FT_STEPS.value} steps"

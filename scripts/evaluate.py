@@ -5,11 +5,14 @@
       --tasks=qa:data/qa.jsonl:mc:data/qa_pool.jsonl,lam:data/lambada.jsonl:lambada
 
 Task specs and file schemas: gptjax/evaluate.py. Results go to <workdir>/eval/step_<N>.json.
+--workdir may also be a quantized serving checkpoint from scripts/compress.py (<out>/serve/int8).
 """
+
+import contextlib
 
 from absl import app, flags, logging
 
-from gptjax import evaluate
+from gptjax import checkpoint, evaluate
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by scripts/train.py.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
@@ -31,21 +34,30 @@ def main(argv):
   if _SHOTS.value < 0 or _SEED.value < 0:
     raise app.UsageError("--shots and --seed must be >= 0")
   tasks = evaluate.load_tasks(_TASKS.value, "--tasks", _SHOTS.value)  # every file checked first
-  run = evaluate.load_run(_WORKDIR.value, _STEP.value)
+  if checkpoint.is_quantized(_WORKDIR.value, _STEP.value):  # from scripts/compress.py
+    from gptjax import quantize  # pylint: disable=import-outside-toplevel
+    step = checkpoint.Reader(_WORKDIR.value).resolve(_STEP.value)
+    q = quantize.load(_WORKDIR.value, step)
+    cfg, params, routing = q.cfg, q.params, quantize.routing()
+    scorer = evaluate.Scorer(q.model, q.tokenizer, _BATCH.value or 8, q.mesh, q.rules)
+  else:
+    run = evaluate.load_run(_WORKDIR.value, _STEP.value)
+    step, cfg, params, routing = run.step, run.cfg, run.params, contextlib.nullcontext()
+    scorer = evaluate.Scorer(run.trainer.model, run.tokenizer,
+                             _BATCH.value or run.trainer.run.micro_batch, run.trainer.mesh,
+                             run.trainer.rules)
   if _VAL_DOCS.value:
     if any(t.name == "val" for t in tasks):
       raise app.UsageError("--val_docs adds a task named 'val'; rename the --tasks one")
-    tasks.append(evaluate.validation_task(run.cfg.data, _VAL_DOCS.value))
+    tasks.append(evaluate.validation_task(cfg.data, _VAL_DOCS.value))
   if not tasks:
     raise app.UsageError("nothing to evaluate: give --tasks and/or --val_docs")
-  trainer = run.trainer
-  scorer = evaluate.Scorer(trainer.model, run.tokenizer, _BATCH.value or trainer.run.micro_batch,
-                           trainer.mesh, trainer.rules)
-  results = evaluate.run_tasks(scorer, run.params, tasks, _SHOTS.value, _SEED.value)
-  path = evaluate.write_results(_WORKDIR.value, run.step, {
-      "workdir": _WORKDIR.value, "step": run.step, "shots": _SHOTS.value, "seed": _SEED.value,
+  with routing:
+    results = evaluate.run_tasks(scorer, params, tasks, _SHOTS.value, _SEED.value)
+  path = evaluate.write_results(_WORKDIR.value, step, {
+      "workdir": _WORKDIR.value, "step": step, "shots": _SHOTS.value, "seed": _SEED.value,
       "tasks": results})
-  print(f"step {run.step} of {_WORKDIR.value}, {_SHOTS.value}-shot")
+  print(f"step {step} of {_WORKDIR.value}, {_SHOTS.value}-shot")
   print(evaluate.format_table(results))
   print(f"wrote {path}")
 

@@ -4,7 +4,8 @@
   python scripts/sample.py --hf_dir=path/to/gpt2 --prompt="Hello, my name is" --prompt="The" \\
       --temperature=0.8 --top_p=0.95 --num_samples=2 --seed=1
 
---workdir loads the latest checkpoint of a run with its config.json and tokenizer. --hf_dir loads
+--workdir loads the latest checkpoint of a run with its config.json and tokenizer (a quantized
+serving checkpoint from scripts/compress.py too: <out>/serve/int8). --hf_dir loads
 a local `save_pretrained` folder; its vocab.json + merges.txt, if present, are the tokenizer,
 otherwise prompts are space-separated token ids and samples are printed as ids. No --prompt (or an
 empty one) samples unconditionally, after the end-of-text token. A sample stops at end-of-text
@@ -101,18 +102,24 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   if (_WORKDIR.value is None) == (_HF_DIR.value is None):
     raise app.UsageError("give exactly one of --workdir and --hf_dir")
-  args, params, tokenizer = (load_workdir(_WORKDIR.value) if _WORKDIR.value
-                             else load_hf_dir(_HF_DIR.value))
-  if args.scan_layers:
-    params = layout.unstack(params, len(args.pattern))
-    args = dataclasses.replace(args, scan_layers=False)
+  if _WORKDIR.value and checkpoint.is_quantized(_WORKDIR.value):
+    from gptjax import quantize  # pylint: disable=import-outside-toplevel
+    q = quantize.load(_WORKDIR.value, devices=jax.devices()[:1])
+    model, params, tokenizer = q.model, q.params, q.tokenizer
+  else:
+    args, params, tokenizer = (load_workdir(_WORKDIR.value) if _WORKDIR.value
+                               else load_hf_dir(_HF_DIR.value))
+    if args.scan_layers:
+      params = layout.unstack(params, len(args.pattern))
+      args = dataclasses.replace(args, scan_layers=False)
+    model = GPT(args)
+  args = model.args
   texts = _PROMPT.value or [""]
   prompts = [tokenizer.encode(t) if t else [tokenizer.eos_id] for t in texts]
   if any(not p or p == [None] for p in prompts):
     raise app.UsageError("an empty --prompt needs a tokenizer with an end-of-text token")
   eos_id = tokenizer.eos_id if _STOP_AT_EOS.value else None
   # generate.generate() step by step, to time the compilation apart from the sampling.
-  model = GPT(args)
   try:
     generate.check_settings(model, _MAX_NEW.value, _TEMPERATURE.value, _TOP_K.value, _TOP_P.value,
                             _NUM_SAMPLES.value, eos_id)

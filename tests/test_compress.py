@@ -447,3 +447,15 @@ def test_the_compress_script_tabulates_every_method(tmp_path):
   sparsity = prune.sparsity_of(evaluate.load_run(str(tmp_path / "out" / "pruned50")).params)
   assert set(sparsity.values()) == {0.5}
   assert quantize.load(str(tmp_path / "out" / "serve" / "qat")).spec.bits == 8
+  # The serving checkpoints work with the sampling and evaluation scripts, quantized or not.
+  scripts = os.path.join(os.path.dirname(__file__), "..", "scripts")
+  for name in ("int4", "baseline"):
+    serve = tmp_path / "out" / "serve" / name
+    out = subprocess.run([sys.executable, os.path.join(scripts, "sample.py"), f"--workdir={serve}",
+                          "--max_new_tokens=8", "--temperature=0"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "8 new tokens in" in out, out
+    subprocess.run([sys.executable, os.path.join(scripts, "evaluate.py"), f"--workdir={serve}",
+                    "--val_docs=8"], check=True)
+    scored = json.load(open(serve / "eval" / "step_0.json", encoding="utf-8"))["tasks"]["val"]
+    np.testing.assert_allclose(scored["bits_per_byte"], rows[name]["bits_per_byte"], rtol=1e-4)

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from typing import Protocol
 
@@ -125,6 +126,15 @@ class SentencePieceTokenizer:
   def byte_ids(self) -> np.ndarray:
     """Ids of the 256 byte-fallback pieces (`<0x00>` ... `<0xFF>`)."""
     return np.array([i for i in range(self.vocab_size) if self._sp.is_byte(i)], np.int64)
+
+
+def copy_saved(src_workdir: str, dst_workdir: str) -> None:
+  """Copies the tokenizer a run saved (`WORKDIR_SPM` or `WORKDIR_GPT2`) into another workdir."""
+  for name in (WORKDIR_SPM, WORKDIR_GPT2):
+    src, dst = os.path.join(src_workdir, name), os.path.join(dst_workdir, name)
+    if os.path.exists(src) and not os.path.exists(dst):
+      os.makedirs(dst_workdir, exist_ok=True)
+      (shutil.copytree if os.path.isdir(src) else shutil.copyfile)(src, dst)
 
 
 def load_or_train(d: ml_collections.ConfigDict, workdir: str | None = None) -> Tokenizer:
