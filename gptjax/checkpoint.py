@@ -243,6 +243,20 @@ def save_params(workdir: str, step: int, params, meta: dict[str, Any]) -> str:
   return directory
 
 
+def read_config(workdir: str, setting: str) -> ml_collections.ConfigDict:
+  """The resolved config a run saved as `<workdir>/config.json`.
+
+  Raises:
+    ConfigError: naming `setting` (the flag or key that gave `workdir`) when there is none.
+  """
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise ConfigError(f"{setting}: {workdir!r} has no config.json, so it is not a gptjax run. "
+                      "Point it at a directory scripts/train.py wrote.")
+  with open(path, encoding="utf-8") as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
 def resume_data_state(meta: dict[str, Any], cfg: ml_collections.ConfigDict, plan) -> dict[str, Any]:
   """The data iterator state that continues a run's batch sequence under this config.
 

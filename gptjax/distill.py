@@ -17,7 +17,6 @@ whole; the cross-entropy is the train step's own (`gptjax.loss`), so alpha = 0 i
 """
 
 import dataclasses
-import json
 import os
 
 import jax
@@ -39,13 +38,7 @@ def _hidden_and_output_embedding(model: GPT, tokens_BxL, segment_ids_BxL, determ
 
 def teacher_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The teacher run's resolved config (its `config.json`)."""
-  path = cfg.compress.distill.teacher
-  saved = os.path.join(path, "config.json")
-  if not os.path.isfile(saved):
-    raise ConfigError(f"config.compress.distill.teacher: {path!r} has no config.json, so it is not "
-                      "a gptjax run. Point it at the workdir of a trained teacher.")
-  with open(saved, encoding="utf-8") as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return checkpoint.read_config(cfg.compress.distill.teacher, "config.compress.distill.teacher")
 
 
 def teacher_model(cfg: ml_collections.ConfigDict, tokenizer=None) -> GPT:

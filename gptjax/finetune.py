@@ -455,8 +455,7 @@ def restore(workdir: str, base: str | None = None, devices=None) -> Restored:
   Raises:
     ConfigError: no checkpoint, or weights that do not fit the base (naming finetune.base).
   """
-  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as fh:
-    cfg = ml_collections.ConfigDict(json.load(fh))
+  cfg = checkpoint.read_config(workdir, "workdir")
   if base is not None:
     cfg.finetune.base = base
   load_base = resolve_base(cfg)

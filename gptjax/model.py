@@ -291,10 +291,9 @@ def _blocked_causal_attention(q_BxLxNxH: Array, k_BxLxNxH: Array, v_BxLxNxH: Arr
   """
   length = q_BxLxNxH.shape[1]
   block = max(64, -(-length // 8))
-  if length < 2 * block:
-    return _xla_attention(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH,
-                          _causal_mask(length, window, segment_ids_BxL))
   mask = _causal_mask(length, window, segment_ids_BxL)
+  if length < 2 * block:
+    return _xla_attention(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, mask)
   q_BxNxLxH, k_BxNxLxH, v_BxNxLxH = (x.transpose(0, 2, 1, 3)
                                      for x in (q_BxLxNxH, k_BxLxNxH, v_BxLxNxH))
   outs = []

@@ -61,8 +61,7 @@ flags.mark_flags_as_required(["workdir", "out"])
 
 def run_config(workdir: str) -> ml_collections.ConfigDict:
   """The run's resolved config on top of today's defaults (so every key exists)."""
-  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-    saved = json.load(f)
+  saved = checkpoint.read_config(workdir, "--workdir").to_dict()
   cfg = base.get_config()
 
   def merge(dst, src):
