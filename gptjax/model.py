@@ -286,8 +286,9 @@ def _blocked_causal_attention(q_BxLxNxH: Array, k_BxLxNxH: Array, v_BxLxNxH: Arr
   some query of it can see, [max(0, i C - window + 1), (i + 1) C), so a dense causal layer does
   about half the score work and a banded one a band's worth. Each block holds all of its keys, so
   its softmax is the ordinary one: the result equals `_xla_attention` with the full mask. On CPU
-  this is 2-3x faster than one [L, L] product per head (fewer FLOPs, smaller softmax); the heads-
-  major [B, N, L, H] layout lets XLA call its batched matmul without copying per block.
+  this is about 1.5x faster than one [L, L] product per head, forward and backward (fewer FLOPs, a
+  smaller softmax; benchmarks/attention.py); the heads-major [B, N, L, H] layout lets XLA call its
+  batched matmul without copying per block.
   """
   length = q_BxLxNxH.shape[1]
   block = max(64, -(-length // 8))
