@@ -12,6 +12,7 @@ import json
 import math
 import os
 import signal
+import tempfile
 import time
 from typing import Any
 
@@ -59,10 +60,9 @@ def _check_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> None:
           " Use a new --workdir, or checkpoint.restore_from to start from its weights.")
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
-    with open(probe, "w", encoding="utf-8") as f:
-      f.write("ok")
-    os.remove(probe)
+    # A probe of its own per process: the processes of a multi-host run share the workdir.
+    with tempfile.TemporaryFile(dir=workdir):
+      pass
   except OSError as e:
     raise ConfigError(f"workdir {workdir!r} is not writable ({e.strerror}). Choose a directory you "
                       "can write to with --workdir.") from e

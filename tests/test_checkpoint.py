@@ -1,6 +1,7 @@
 """Checkpoints: exact resume after preemption, fallback past a corrupt checkpoint, resharding on
 restore, the non-finite guard, and bad input that leaves an existing workdir untouched."""
 
+import concurrent.futures
 import json
 import os
 
@@ -206,6 +207,21 @@ def test_unwritable_workdir_is_a_clear_error(tmp_path):
   blocker.write_text("not a directory")
   with pytest.raises(ConfigError, match="is not writable"):
     loop.run(ckpt_cfg(tmp_path), str(blocker / "run"), devices=jax.devices()[:1])
+
+
+def test_processes_sharing_a_workdir_check_it_without_racing(tmp_path):
+  # Every process of a multi-host run checks the shared workdir at the same moment.
+  cfg = ckpt_cfg(tmp_path)
+  workdir = str(tmp_path / "shared")
+
+  def check_many_times():
+    for _ in range(200):
+      loop._check_workdir(cfg, workdir)
+
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    for f in [pool.submit(check_many_times) for _ in range(8)]:
+      f.result()
+  assert os.listdir(workdir) == []  # and no probe is left behind
 
 
 def test_restore_from_starts_from_another_runs_weights_with_a_fresh_optimizer(finished_run,
