@@ -1,5 +1,6 @@
 """The token cache: exact token streams, keyed reuse, and nothing half-written on failure."""
 
+from concurrent import futures
 import json
 import os
 import random
@@ -100,6 +101,17 @@ def test_a_killed_build_is_never_trusted(setup, tmp_path):
   os.remove(os.path.join(entry.path, cache.META))  # and an entry without meta is incomplete
   rebuilt = cache.load_or_build(d, tok)
   assert rebuilt.path == entry.path and len(rebuilt.tokens("train")) > 3
+
+
+def test_processes_building_the_same_entry_at_once_all_get_it_whole(setup, tmp_path):
+  # The processes of a multi-host run share the cache directory and start together.
+  _, _, d, tok = setup
+  d = data_config(tmp_path, d.paths)
+  with futures.ThreadPoolExecutor(4) as pool:
+    built = list(pool.map(lambda _: cache.load_or_build(d, tok), range(4)))
+  assert len({b.path for b in built}) == 1 and entries(d) == [os.path.basename(built[0].path)]
+  for b in built:
+    np.testing.assert_array_equal(b.tokens("train"), built[0].tokens("train"))
 
 
 def test_empty_corpus(setup, tmp_path):

@@ -109,7 +109,8 @@ def load_or_build(d: ml_collections.ConfigDict, tokenizer: "Tokenizer",
   final = os.path.join(root(d), "tokens", f"{corpus.fingerprint['source']}-{digest}")
   if os.path.isfile(os.path.join(final, META)):
     return _load(final)
-  shutil.rmtree(final, ignore_errors=True)  # damaged by hand: entries only appear complete
+  if os.path.isdir(final):  # damaged by hand: entries only appear complete (renamed with META)
+    shutil.rmtree(final, ignore_errors=True)
   tmp = f"{final}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
   os.makedirs(tmp)
   try:

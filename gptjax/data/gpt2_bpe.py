@@ -21,6 +21,7 @@ import unicodedata
 
 import numpy as np
 
+from gptjax.data import cache
 from gptjax.data.errors import fail
 
 EOS_TOKEN = "<|endoftext|>"
@@ -120,10 +121,7 @@ class GPT2BPETokenizer:
     merges = sorted(self._ranks, key=self._ranks.get)
     for name, text in ((VOCAB_FILE, json.dumps(self._encoder, ensure_ascii=False)),
                        (MERGES_FILE, "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))):
-      tmp = os.path.join(path, f".{name}.tmp")
-      with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-      os.replace(tmp, os.path.join(path, name))
+      cache.write_atomic(os.path.join(path, name), text.encode("utf-8"))
 
   def _bpe(self, word: str) -> list[int]:
     """Token ids of one pre-tokenized word (already mapped to byte characters)."""
