@@ -5,7 +5,7 @@ import os
 import pytest
 
 from configs import tiny
-from gptjax.data import tokenizer as tokenizer_lib
+from gptjax.data import sources, tokenizer as tokenizer_lib
 from gptjax.data.errors import DataError
 
 TEXTS = [
@@ -83,6 +83,20 @@ def test_trained_model_is_cached_by_settings(trained, tmp_path):
   from_path = tokenizer_lib.load_or_train(d, None)
   d.tokenizer.path = ""
   assert from_path.fingerprint == tok.fingerprint
+
+
+@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
+def test_the_same_settings_train_the_same_tokenizer_on_any_machine(tmp_path, monkeypatch,
+                                                                   model_type):
+  # Hosts of one multi-process run, or a re-run elsewhere, may have different core counts.
+  d = data_config(tmp_path, model_type=model_type, vocab_size=800)
+  corpus = sources.open_corpus(d)
+  fingerprints = set()
+  for cores in (1, 4):
+    monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
+    fingerprints.add(tokenizer_lib.train(corpus, vocab_size=800, model_type=model_type,
+                                         train_chars=d.tokenizer.train_chars).fingerprint)
+  assert len(fingerprints) == 1
 
 
 def test_unigram_model(tmp_path):

@@ -34,7 +34,11 @@ MODEL_TYPES = ("bpe", "unigram")
 WORKDIR_SPM, WORKDIR_GPT2 = "tokenizer.model", "tokenizer"  # file, folder
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 # Bump when the trainer options below change, so cached models are retrained.
-TRAINER_VERSION = 1
+TRAINER_VERSION = 2
+# SentencePiece's model depends on its thread count (1, 2 and 4 threads give three different models
+# of the same text), so training uses a fixed count, SentencePiece's default: the same settings give
+# the same tokenizer on every machine, and on every host of a multi-process run.
+TRAIN_THREADS = 16
 _TRAINER_OPTIONS = dict(
     byte_fallback=True,  # unseen characters become UTF-8 bytes: nothing is unrepresentable
     normalization_rule_name="identity",  # no NFKC: code and unicode round-trip exactly
@@ -227,7 +231,7 @@ def train(corpus: sources.Corpus, *, vocab_size: int, model_type: str,
   try:
     spm.SentencePieceTrainer.train(
         sentence_iterator=lines, model_writer=model, vocab_size=vocab_size,
-        model_type=model_type, num_threads=os.cpu_count() or 1, minloglevel=2,
+        model_type=model_type, num_threads=TRAIN_THREADS, minloglevel=2,
         **_TRAINER_OPTIONS)
   except RuntimeError as e:
     too_small = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(e))
