@@ -35,9 +35,9 @@ WORKDIR_SPM, WORKDIR_GPT2 = "tokenizer.model", "tokenizer"  # file, folder
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 # Bump when the trainer options below change, so cached models are retrained.
 TRAINER_VERSION = 2
-# SentencePiece's model depends on its thread count (1, 2 and 4 threads give three different models
-# of the same text), so training uses a fixed count, SentencePiece's default: the same settings give
-# the same tokenizer on every machine, and on every host of a multi-process run.
+# A trained SentencePiece model records its thread count, and a unigram model's pieces depend on it,
+# so training uses a fixed count, SentencePiece's default: the same settings give the same model
+# file (and fingerprint) on every machine, and on every host of a multi-process run.
 TRAIN_THREADS = 16
 _TRAINER_OPTIONS = dict(
     byte_fallback=True,  # unseen characters become UTF-8 bytes: nothing is unrepresentable
