@@ -499,12 +499,10 @@ def load_run(workdir: str, step: int | None = None, devices=None) -> Restored:
   """Restores the parameters of a run's checkpoint (the latest, or `step`) with its config and
   tokenizer. The run's mesh is kept if it fits `devices` (default all), else all of them serve as
   the data axis."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    raise EvalError(f"workdir {workdir!r} has no config.json, so it is not a gptjax run. Point "
-                    "--workdir at a directory scripts/train.py wrote.")
-  with open(path, encoding="utf-8") as f:
-    cfg = ml_collections.ConfigDict(json.load(f))
+  try:
+    cfg = checkpoint.read_config(workdir, "--workdir")
+  except config_lib.ConfigError as e:
+    raise EvalError(str(e)) from e
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   manager = steps = None
   if os.path.isdir(directory):

@@ -303,7 +303,8 @@ def _blocked_causal_attention(q_BxLxNxH: Array, k_BxLxNxH: Array, v_BxLxNxH: Arr
     first = 0 if window is None else max(0, start - window + 1)
     scores_BxNxCxK = jnp.einsum("bnqh,bnkh->bnqk", q_BxNxLxH[:, :, start:end],
                                 k_BxNxLxH[:, :, first:end], preferred_element_type=jnp.float32)
-    scores_BxNxCxK = jnp.where(mask[:, :, start:end, first:end], scores_BxNxCxK / math.sqrt(q_BxLxNxH.shape[-1]),
+    scores_BxNxCxK = jnp.where(mask[:, :, start:end, first:end],
+                               scores_BxNxCxK / math.sqrt(q_BxLxNxH.shape[-1]),
                                jnp.finfo(jnp.float32).min)
     probs_BxNxCxK = _softmax(scores_BxNxCxK).astype(v_BxLxNxH.dtype)
     outs.append(jnp.einsum("bnqk,bnkh->bnqh", probs_BxNxCxK, v_BxNxLxH[:, :, first:end]))
