@@ -143,7 +143,7 @@ class _StopSignal:
     return bool(multihost_utils.process_allgather(np.array(self.requested)).any())
 
 
-def _objective(cfg: ml_collections.ConfigDict, tokenizer) -> dict[str, Any]:
+def objective(cfg: ml_collections.ConfigDict, tokenizer) -> dict[str, Any]:
   """Trainer.build's loss_fn / init_params for `cfg.compress`: distillation and/or QAT."""
   kwargs = distill.objective(cfg, tokenizer) if cfg.compress.distill.teacher else {}
   if cfg.compress.qat.enabled:
@@ -156,7 +156,7 @@ def _objective(cfg: ml_collections.ConfigDict, tokenizer) -> dict[str, Any]:
 def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str, Any]:
   """Trains (or resumes) as the config says. Returns a summary of the run."""
   tokenizer, mesh = prepare(cfg, workdir, devices)
-  trainer = Trainer.build(cfg, mesh, **_objective(cfg, tokenizer))
+  trainer = Trainer.build(cfg, mesh, **objective(cfg, tokenizer))
   suite = evaluate_lib.Suite.from_config(cfg, trainer, tokenizer)  # eval.tasks files checked now
   plan, t, ck = trainer.run, cfg.train, cfg.checkpoint
   args = trainer.model.args
