@@ -13,12 +13,12 @@ import json
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gptjax import bench  # pylint: disable=wrong-import-position
+from gptjax import bench, cli  # pylint: disable=wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/cpu_bench.py", "Config file.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (median reported).")
@@ -44,4 +44,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

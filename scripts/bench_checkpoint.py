@@ -10,10 +10,10 @@ import shutil
 import time
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from gptjax import checkpoint, sharding
+from gptjax import checkpoint, cli, sharding
 from gptjax.train import Trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Preset to checkpoint.")
@@ -45,4 +45,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

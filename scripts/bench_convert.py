@@ -17,7 +17,9 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from gptjax import cli
 
 _PRESET = flags.DEFINE_string("preset", "gpt2:medium", "Model preset whose size to convert.")
 _DIR = flags.DEFINE_string("dir", "/tmp/gptjax_bench_convert", "Scratch folder (checkpoints kept).")
@@ -108,4 +110,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

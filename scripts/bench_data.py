@@ -7,9 +7,10 @@ Builds (or reuses) the tokenizer and token cache first; only the pipeline itself
 import json
 import time
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from gptjax import cli
 from gptjax.data import pipeline, tokenizer
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
@@ -40,4 +41,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

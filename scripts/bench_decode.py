@@ -25,7 +25,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gptjax import generate  # pylint: disable=wrong-import-position
+from gptjax import cli, generate  # pylint: disable=wrong-import-position
 from gptjax.model import GPT, ModelArgs  # pylint: disable=wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/gpt2.py:small", "Model preset.")
@@ -86,4 +86,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=wrong-import-position
 from configs import base
-from gptjax import checkpoint, config, evaluate, generate, loop, quantize
+from gptjax import checkpoint, cli, config, evaluate, generate, loop, quantize
 from gptjax.data import tokenizer as tokenizer_lib
 
 METHODS = ("baseline", "int8", "int4", "float+ft", "qat", "pruned50", "pruned24", "student",
@@ -236,4 +236,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -27,7 +27,8 @@ import ml_dtypes
 import numpy as np
 
 import configs
-from gptjax import checkpoint, hf, layout
+from gptjax import checkpoint, cli, hf, layout
+from gptjax.config import ConfigError
 from gptjax.model import GPT, ModelArgs
 
 COMMANDS = ("to_hf", "from_hf", "params")
@@ -50,7 +51,7 @@ class ConversionError(RuntimeError):
 
 def _check_out(out: str) -> str:
   if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-    raise ValueError(f"--out={out!r} is not an empty folder; choose a new one (or empty it).")
+    raise ConfigError(f"--out={out!r} is not an empty folder; choose a new one (or empty it).")
   return out
 
 
@@ -214,6 +215,8 @@ def main(argv):
               _RTOL.value)
     else:
       params_only(_WORKDIR.value, _STEP.value, out, _DTYPE.value, _VERIFY.value)
+  except ConfigError:
+    raise  # a wrong flag or input: cli.run prints it alone, with status 2
   except (ConversionError, ValueError) as e:
     print(f"convert: FAILED: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
@@ -222,4 +225,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

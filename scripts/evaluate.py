@@ -12,7 +12,7 @@ import contextlib
 
 from absl import app, flags, logging
 
-from gptjax import checkpoint, evaluate
+from gptjax import checkpoint, cli, evaluate
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by scripts/train.py.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
@@ -63,4 +63,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -8,10 +8,10 @@
 Running the same command again resumes from the workdir's latest checkpoint.
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from gptjax import distributed, finetune
+from gptjax import cli, distributed, finetune
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Preset file, e.g. configs/finetune_sft.py:lora.", lock_config=True)
@@ -29,4 +29,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -15,7 +15,7 @@ import os
 import numpy as np
 from absl import app, flags, logging
 
-from gptjax import scaling
+from gptjax import cli, scaling
 
 _SWEEP_DIRS = flags.DEFINE_multi_string("sweep_dir", [], "A sweep's folder (repeat: pool sweeps).")
 _CSV = flags.DEFINE_string("csv", None, "A results table written before, instead of --sweep_dir.")
@@ -78,4 +78,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

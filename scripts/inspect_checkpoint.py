@@ -5,13 +5,12 @@ config they were trained with and the data position.
 """
 
 import json
-import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from flax import traverse_util
 import numpy as np
 
-from gptjax import checkpoint, layout
+from gptjax import checkpoint, cli, layout
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A gptjax run (or its checkpoints/ folder).")
 _STEP = flags.DEFINE_integer("step", None, "The checkpoint to describe (default: latest).")
@@ -93,11 +92,8 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.ERROR)
-  try:
-    print(describe(_WORKDIR.value, _STEP.value, _OPT.value, _CONFIG.value))
-  except ValueError as e:  # no such workdir or step: say so, without a traceback
-    sys.exit(f"inspect_checkpoint: {e}")
+  print(describe(_WORKDIR.value, _STEP.value, _OPT.value, _CONFIG.value))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

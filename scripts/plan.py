@@ -32,10 +32,10 @@ if __name__ == "__main__":
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=wrong-import-position
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from gptjax import plan
+from gptjax import cli, plan
 from gptjax.config import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Preset, e.g. configs/gpt3.py:175b.",
@@ -69,14 +69,11 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   cfg = _CONFIG.value
-  try:
-    _apply_mesh(cfg, _MESH.value)
-    report = plan.make(cfg, _DEVICES.value, _KIND.value, mfu=_MFU.value,
-                       train_tokens=int(_TOKENS.value) or None, compile_step=_COMPILE.value)
-  except ConfigError as e:
-    sys.exit(f"plan: {e}")
+  _apply_mesh(cfg, _MESH.value)
+  report = plan.make(cfg, _DEVICES.value, _KIND.value, mfu=_MFU.value,
+                     train_tokens=int(_TOKENS.value) or None, compile_step=_COMPILE.value)
   print(json.dumps(plan.to_json(report)) if _JSON.value else plan.format_report(report))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

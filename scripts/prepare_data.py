@@ -6,9 +6,10 @@ The tokenizer is saved in the workdir; the token cache goes to data.cache_dir (s
 
 import time
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from gptjax import cli
 from gptjax.data import cache, sources, stats, tokenizer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py.")
@@ -44,4 +45,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -5,11 +5,11 @@ Usage: python scripts/presets.py [--padded]
 
 import sys
 
-from absl import app, flags
+from absl import flags
 
 import configs
 from configs import sizes
-from gptjax import accounting
+from gptjax import accounting, cli
 from gptjax.model import ModelArgs
 
 _PADDED = flags.DEFINE_bool("padded", False, "Count with the vocab padded as configured "
@@ -39,4 +39,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -15,7 +15,6 @@ layer on load).
 """
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -23,14 +22,14 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=wrong-import-position
-from gptjax import checkpoint, generate, hf, layout
+from gptjax import checkpoint, cli, generate, hf, layout
+from gptjax.config import ConfigError
 from gptjax.data import gpt2_bpe, tokenizer as tokenizer_lib
 from gptjax.model import GPT, ModelArgs
 
@@ -64,19 +63,16 @@ class _Ids:
 
 def load_workdir(workdir: str):
   """(args, params, tokenizer) of a run's latest checkpoint, params in the run's layout."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    raise app.UsageError(f"--workdir={workdir!r} has no config.json: point it at a directory "
-                         "scripts/train.py wrote")
-  with open(path, encoding="utf-8") as f:
-    cfg = ml_collections.ConfigDict(json.load(f))
+  cfg = checkpoint.read_config(workdir, "--workdir")
   saved = os.path.join(workdir, tokenizer_lib.WORKDIR_SPM if cfg.data.tokenizer.kind ==
                        "sentencepiece" else tokenizer_lib.WORKDIR_GPT2)
   if not os.path.exists(saved):
-    raise app.UsageError(f"--workdir={workdir!r} has no saved tokenizer ({saved})")
+    raise ConfigError(f"--workdir={workdir!r} has no saved tokenizer ({saved}). Point it at a run "
+                      "scripts/train.py wrote, which saves its tokenizer first.")
   steps = os.path.join(workdir, "checkpoints")
   if not (os.path.isdir(steps) and any(s.isdigit() for s in os.listdir(steps))):
-    raise app.UsageError(f"--workdir={workdir!r} holds no checkpoint yet (nothing in {steps})")
+    raise ConfigError(f"--workdir={workdir!r} holds no checkpoint yet (nothing in {steps}). Train "
+                      "until it saves one, or point --workdir at a run that did.")
   tokenizer = tokenizer_lib.load_or_train(cfg.data, workdir)
   args = ModelArgs.from_config(cfg.model)
   abstract = jax.eval_shape(lambda: nn.meta.unbox(
@@ -157,4 +153,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

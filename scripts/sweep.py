@@ -13,9 +13,9 @@ unfinished ones from their checkpoints.
 
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from gptjax import sweep as sweep_lib
+from gptjax import cli, sweep as sweep_lib
 
 _CONFIG = flags.DEFINE_string("config", None, "Sweep file, e.g. configs/sweeps/model_size.py:cpu.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The sweep's folder (one run folder inside per "
@@ -73,4 +73,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

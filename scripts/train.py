@@ -8,10 +8,10 @@ left out, and scripts/launch/ has templates):
   python scripts/train.py ... --coordinator_address=host0:1234 --num_processes=2 --process_id=0
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from gptjax import distributed, loop
+from gptjax import cli, distributed, loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Preset file, e.g. configs/gpt3.py:small.",
                                           lock_config=True)
@@ -29,4 +29,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

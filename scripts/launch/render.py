@@ -17,7 +17,9 @@ import shlex
 import string
 import sys
 
-from absl import app, flags
+from absl import flags
+
+from gptjax import cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEMPLATES = {"slurm": "slurm.sbatch", "tpu": "tpu_vm.sh", "k8s": "k8s_indexed_job.yaml"}
@@ -78,4 +80,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
