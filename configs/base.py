@@ -161,6 +161,10 @@ def get_config() -> ml_collections.ConfigDict:
   mesh.data = -1  # data-parallel axis size (-1 = all devices left over)
   mesh.fsdp = 1  # FSDP / ZeRO-3 axis: params, grads and optimizer state sharded over it
   mesh.tensor = 1  # Megatron tensor-parallel axis: heads, MLP and vocab sharded over it
+  # Device order: the axes from slowest- to fastest-varying over the devices sorted by (process,
+  # id). The default keeps tensor groups within a host (fast links) and spans hosts with data;
+  # e.g. 'tensor,data,fsdp' makes the tensor axis span processes.
+  mesh.order = "data,fsdp,tensor"
   # Logical axis -> mesh axes. One table serves DP, FSDP, TP and mixes: an axis of size 1 is a no-op.
   r = mesh.rules = ml_collections.ConfigDict()
   r.batch = "data,fsdp"

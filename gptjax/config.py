@@ -88,6 +88,15 @@ def mesh_shape(mesh: ml_collections.ConfigDict, n_devices: int) -> dict[str, int
   return sizes
 
 
+def mesh_order(mesh: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """`mesh.order` as a tuple of axis names, slowest-varying first; checks it names each axis once."""
+  order = tuple(a.strip() for a in mesh.get("order", ",".join(MESH_AXES)).split(","))
+  _check(sorted(order) == sorted(MESH_AXES), "mesh.order",
+         f"{mesh.get('order')!r} is not an ordering of the mesh axes {MESH_AXES}",
+         "List each of data, fsdp, tensor once, slowest-varying first, e.g. 'tensor,data,fsdp'.")
+  return order
+
+
 def validate_eval(e: ml_collections.ConfigDict) -> None:
   """Checks `cfg.eval`: the task list's syntax (its files are read when the run starts)."""
   from gptjax import evaluate  # pylint: disable=import-outside-toplevel  (it imports this module)
@@ -189,6 +198,7 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> No
   validate_finetune(cfg.finetune)
   n_devices = jax.device_count() if n_devices is None else n_devices
   sizes = mesh_shape(cfg.mesh, n_devices)
+  mesh_order(cfg.mesh)
   batch_shards = sizes["data"] * sizes["fsdp"]
   _check(micro % batch_shards == 0, "train.global_batch",
          f"the batch of {micro} sequences per pass does not split over data x fsdp = {batch_shards}"

@@ -58,7 +58,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from gptjax import checkpoint, config as config_lib, sharding
+from gptjax import checkpoint, config as config_lib, feed, sharding
 from gptjax.data import pipeline, sources, tokenizer as tokenizer_lib
 from gptjax.model import GPT
 from gptjax.train import Trainer
@@ -386,11 +386,9 @@ class Scorer:
   def _call(self, params, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     if self.mesh is None:
       return self._fn(params, batch)
-    rows = len(batch["inputs"]) // jax.process_count()  # this host's rows of the global batch
-    mine = {k: v[rows * jax.process_index():rows * (jax.process_index() + 1)]
-            for k, v in batch.items()}
+    rows = feed.HostRows.of(self.mesh, sharding.batch_axes(self.rules), len(batch["inputs"]))
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      return self._fn(params, pipeline.to_global(mine, self._rows))
+      return self._fn(params, rows.to_global(rows.select(batch)))
 
 
 # ---- tasks --------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from gptjax import checkpoint, config as config_lib, generate, heads, loss as loss_lib
 from gptjax import hf, loop, metrics as metrics_lib, peft, sharding
 from gptjax.config import ConfigError
-from gptjax.data import pipeline, sft, tokenizer as tokenizer_lib
+from gptjax.data import sft, tokenizer as tokenizer_lib
 from gptjax.model import GPT, ModelArgs
 from gptjax.train import StepConfig, Trainer
 
@@ -210,7 +210,9 @@ class FineTune:
     return stack
 
   def _put(self, batch):
-    return pipeline.to_global(batch, self.trainer.batch_sharding(leading=0))
+    """Global arrays from a whole [B, ...] batch that every process holds (from the val file)."""
+    rows = self.trainer.host_rows(len(next(iter(batch.values()))))
+    return rows.to_global(rows.select(batch))
 
   def base_abstract(self) -> Any:
     """ShapeDtypeStructs (with shardings) of the pre-trained weights: the GPT tree this run loads
@@ -318,12 +320,6 @@ def _log(msg: str) -> None:
     print(f"gptjax: {msg}", flush=True)
 
 
-def _host_part(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """This process' rows of a global batch."""
-  i, n = jax.process_index(), jax.process_count()
-  return {k: np.array_split(v, n)[i] for k, v in batch.items()}
-
-
 def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str, Any]:
   """Fine-tunes as `cfg.finetune` says, resuming from the workdir's latest checkpoint.
 
@@ -369,10 +365,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str,
   if train.truncated:
     _log(f"{train.truncated} training sequences were cut to {fmt.seq_len} tokens")
 
-  ds = sft.train_batches(train.rows, micro_batch=plan.micro_batch, seed=cfg.seed)
-  val_batches = [_host_part(b) for b in sft.eval_batches(val.rows, plan.micro_batch)] if val else []
+  rows = ft.trainer.host_rows(plan.micro_batch)  # this host's rows of every micro-batch
+  ds = sft.train_batches(train.rows, micro_batch=plan.micro_batch, seed=cfg.seed, rows_of_batch=rows.rows)
+  val_batches = sft.eval_batches(val.rows, plan.micro_batch) if val else []
   writer = metrics_lib.MetricsWriter(workdir)
-  batch_sh = ft.trainer.batch_sharding(leading=1)
   start, pending, summary = int(state.step), [], {}
   last_time = time.perf_counter()
   bar = tqdm(range(start, plan.total_steps), initial=start, total=plan.total_steps, unit="step",
@@ -382,7 +378,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str,
       first = plan.tokens_before(step) // (plan.micro_batch * plan.seq_len)
       micro = [ds[first + i] for i in range(plan.accum(step))]
       host = {k: np.stack([m[k] for m in micro]) for k in micro[0]}
-      state, step_metrics = ft.trainer.step(state, pipeline.to_global(host, batch_sh))
+      state, step_metrics = ft.trainer.step(state, rows.to_global(host, leading=1))
       pending.append(step_metrics)
       done = step + 1
       is_last, row = done == plan.total_steps, {}

@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from gptjax import accounting, checkpoint, config as config_lib, generate, metrics as metrics_lib
-from gptjax import evaluate as evaluate_lib, sharding
+from gptjax import evaluate as evaluate_lib, feed, sharding
 from gptjax import distill, train as train_lib
 from gptjax.config import ConfigError
 from gptjax.data import pipeline, tokenizer as tokenizer_lib
@@ -101,10 +101,9 @@ def write_config(cfg: ml_collections.ConfigDict, workdir: str) -> None:
       f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
 
 
-def evaluate(trainer: Trainer, params, eval_ds) -> float:
-  """Mean validation loss (nats/token) over the fixed validation batches."""
-  totals = [trainer.eval(params, pipeline.to_global(b, trainer.batch_sharding(leading=0)))
-            for b in eval_ds]
+def evaluate(trainer: Trainer, params, eval_ds, rows: feed.HostRows) -> float:
+  """Mean validation loss (nats/token) over the fixed validation batches (this host's `rows`)."""
+  totals = [trainer.eval(params, rows.to_global(b)) for b in eval_ds]
   totals = jax.device_get(totals)
   return float(sum(t["loss_sum"] for t in totals) / max(sum(t["tokens"] for t in totals), 1.0))
 
@@ -162,10 +161,12 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str,
   args = trainer.model.args
   counts = accounting.param_counts(args)
   flops_token, peak = accounting.flops_per_token(args, plan.seq_len), accounting.peak_flops_of(jax.devices()[0])
+  rows = trainer.host_rows(plan.micro_batch)  # this host's rows of every micro-batch
   train_it = pipeline.make(cfg.data, tokenizer, "train", seq_len=plan.seq_len,
-                           global_batch=plan.micro_batch, seed=cfg.seed)
+                           global_batch=plan.micro_batch, seed=cfg.seed, rows=rows.rows)
   eval_ds = pipeline.make_eval(cfg.data, tokenizer, seq_len=plan.seq_len,
-                               global_batch=plan.micro_batch, num_batches=t.eval_batches)
+                               global_batch=plan.micro_batch, num_batches=t.eval_batches,
+                               rows=rows.rows)
   ckpt = checkpoint.Checkpointer(workdir, ck, config=cfg)
   restored = ckpt.restore_latest(trainer.abstract_state)
   if restored:
@@ -185,7 +186,6 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str,
        f"of {plan.max_accum * plan.micro_batch} x {plan.seq_len} tokens")
 
   writer = metrics_lib.MetricsWriter(workdir)
-  batch_sh = trainer.batch_sharding(leading=1)
   pending, summary = [], {"preempted": False}
   start = int(state.step)
   tokens_seen = plan.tokens_before(start)
@@ -202,7 +202,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str,
       for step in bar:
         micro = [next(train_it) for _ in range(plan.accum(step))]
         host = {k: np.stack([m[k] for m in micro]) for k in micro[0]}
-        state, step_metrics = trainer.step(state, pipeline.to_global(host, batch_sh))
+        state, step_metrics = trainer.step(state, rows.to_global(host, leading=1))
         pending.append(step_metrics)
         tokens_seen += len(micro) * plan.micro_batch * plan.seq_len
         if compile_s is None:  # the first step compiles; time it apart from throughput
@@ -214,7 +214,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str,
         is_save = is_last or preempted or (ck.save_every and done % ck.save_every == 0)
         row = {}
         if t.eval_every and done % t.eval_every == 0 or is_last:
-          row["val_loss"] = val_loss = summary["val_loss"] = evaluate(trainer, state.params, eval_ds)
+          row["val_loss"] = val_loss = summary["val_loss"] = evaluate(trainer, state.params, eval_ds, rows)
           row.update(suite.metrics(state.params))  # eval/<task>/<metric>; {} without eval.tasks
         if done % t.log_every == 0 or is_last or row or is_save:
           fetched = jax.device_get(pending)

@@ -21,9 +21,20 @@ AXES = config_lib.MESH_AXES
 
 
 def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
-  """A (data, fsdp, tensor) mesh over `devices` (default: all), laid out for the topology."""
+  """A (data, fsdp, tensor) mesh over `devices` (default: all).
+
+  With the default `mesh.order` ('data,fsdp,tensor': tensor varies fastest, so tensor groups stay
+  within a host and data spans hosts) the grid is laid out for the topology by JAX. Another order
+  lists the axes from slowest- to fastest-varying over the devices sorted by (process, id): e.g.
+  'tensor,data,fsdp' makes the tensor axis span processes.
+  """
   devices = jax.devices() if devices is None else list(devices)
   sizes = config_lib.mesh_shape(mesh_cfg, len(devices))
+  order = config_lib.mesh_order(mesh_cfg)
+  if order != AXES:
+    ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+    grid = np.asarray(ordered).reshape([sizes[a] for a in order])
+    return Mesh(grid.transpose([order.index(a) for a in AXES]), AXES)
   shape = tuple(sizes[a] for a in AXES)
   try:
     grid = mesh_utils.create_device_mesh(shape, devices=devices)

@@ -25,7 +25,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from gptjax import loss as loss_lib, optim, sharding
+from gptjax import feed, loss as loss_lib, optim, sharding
 from gptjax.model import GPT, ModelArgs
 
 Batch = dict[str, jax.Array]
@@ -229,3 +229,7 @@ class Trainer:
 
   def batch_sharding(self, leading: int = 1):
     return sharding.batch_sharding(self.mesh, self.rules, leading=leading)
+
+  def host_rows(self, global_batch: int) -> feed.HostRows:
+    """The rows of a `global_batch`-row batch this process loads, and how to assemble them."""
+    return feed.HostRows.of(self.mesh, sharding.batch_axes(self.rules), global_batch)

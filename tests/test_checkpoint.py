@@ -106,10 +106,10 @@ def nan_at_step(monkeypatch):
   """Makes the loss of one training step NaN, through the token weights of its batch."""
 
   def install(bad_step):
-    real = loop.pipeline.to_global
+    real = loop.feed.HostRows.to_global
     seen = {"train": 0}
 
-    def to_global(batch, sh):
+    def to_global(self, batch, leading=0):
       batch = dict(batch)
       weights = np.ones(batch["targets"].shape, np.float32)
       if batch["targets"].ndim == 3:  # a training batch [accum, B, L]
@@ -117,9 +117,9 @@ def nan_at_step(monkeypatch):
         if seen["train"] == bad_step:
           weights[...] = np.nan
       batch["weights"] = weights
-      return real(batch, sh)
+      return real(self, batch, leading)
 
-    monkeypatch.setattr(loop.pipeline, "to_global", to_global)
+    monkeypatch.setattr(loop.feed.HostRows, "to_global", to_global)
 
   return install
 

@@ -179,8 +179,9 @@ def test_data_order_depends_only_on_seed_and_step(trained):
     rows = []
     for k in range(steps):
       for h in range(hosts):
+        part = global_batch // hosts  # host h's rows, as a data-parallel mesh assigns them
         ds = pipeline.dataset(cfg.data, tok, "train", seq_len=64, global_batch=global_batch,
-                              seed=seed, process_index=h, process_count=hosts)
+                              seed=seed, rows=range(h * part, (h + 1) * part))
         rows.append(ds[k]["inputs"])
     return np.concatenate(rows)
 

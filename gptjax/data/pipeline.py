@@ -5,17 +5,20 @@ non-overlapping windows of `seq_len + 1` tokens, so documents pack across sequen
 GPT-3 and every token is used exactly once per epoch. Window i is random-access (a slice of a memory
 map), so Grain shuffles indices, not data: epoch e is a fresh permutation of the windows drawn from
 `seed`, and global batch k is elements [k * B, (k + 1) * B) of that endless shuffled sequence. The
-order therefore depends only on (seed, step), never on the number of hosts or workers; each host
-reads only its own contiguous slice of every global batch.
+order therefore depends only on (seed, step), never on the mesh, the number of hosts or workers;
+each host reads only the rows of every global batch that its devices hold (`rows`, from
+`gptjax.feed.HostRows`, which derives them from the mesh).
 
-    it = pipeline.make(cfg.data, tok, "train", seq_len=256, global_batch=16, seed=cfg.seed)
-    batch = next(it)  # {"inputs": int32[B_host, L], "targets": int32[B_host, L], ["segment_ids"]}
+    it = pipeline.make(cfg.data, tok, "train", seq_len=256, global_batch=16, seed=cfg.seed,
+                       rows=feed.rows)
+    batch = next(it)  # {"inputs": int32[len(rows), L], "targets": ..., ["segment_ids"]}
     state = it.get_state()  # JSON-serialisable; a new iterator's set_state(state) resumes exactly
 """
 
-from collections.abc import Mapping
+from collections.abc import Sequence
 import functools
 import os
+import sys
 
 from absl import flags
 import grain
@@ -57,6 +60,31 @@ class PackedSequences:
     return f"PackedSequences({os.path.basename(self.path)}, {len(self)} x {self.window})"
 
 
+class RowsOfBatches(grain.MapDataset):
+  """Element k = the `rows` of global batch k, i.e. parent elements k * B + r for r in rows, stacked.
+
+  Only those rows are read, so a host loads its share of the data and nothing else.
+  """
+
+  def __init__(self, parent: grain.MapDataset, global_batch: int, rows: np.ndarray):
+    super().__init__(parent)
+    self._global_batch, self._rows = global_batch, np.asarray(rows, np.int64)
+
+  def __len__(self) -> int:
+    return len(self._parent) // self._global_batch if len(self._parent) < sys.maxsize else sys.maxsize
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    first = int(index) * self._global_batch
+    values = [self._parent[first + int(r)] for r in self._rows]
+    with self._stats.record_self_time():
+      return jax.tree.map(lambda *xs: np.stack(xs), *values)
+
+  def __str__(self) -> str:
+    return f"RowsOfBatches(global_batch={self._global_batch}, rows={len(self._rows)})"
+
+
 def to_example(windows_BxW: np.ndarray, *, eos_id: int, segment_ids: bool) -> dict[str, np.ndarray]:
   """Splits windows of L + 1 tokens into next-token inputs and targets.
 
@@ -80,7 +108,7 @@ def to_example(windows_BxW: np.ndarray, *, eos_id: int, segment_ids: bool) -> di
 
 def dataset(d: ml_collections.ConfigDict, tokenizer: Tokenizer, split: str, *, seq_len: int,
             global_batch: int, seed: int = 0, num_batches: int | None = None,
-            process_index: int | None = None, process_count: int | None = None) -> grain.MapDataset:
+            rows: Sequence[int] | None = None) -> grain.MapDataset:
   """This host's batches as a random-access Grain dataset: element k is its part of step k.
 
   Args:
@@ -91,26 +119,22 @@ def dataset(d: ml_collections.ConfigDict, tokenizer: Tokenizer, split: str, *, s
     global_batch: sequences per step over all hosts.
     seed: shuffle seed ('train' only).
     num_batches: if set, the dataset ends after this many steps (repeating a short split).
-    process_index: this host; default `jax.process_index()`.
-    process_count: hosts; default `jax.process_count()`.
+    rows: the rows of every global batch this host loads (`HostRows.rows`); default all of them.
 
   Returns:
-    A `grain.MapDataset` of dicts (see `to_example`) with global_batch / process_count rows.
+    A `grain.MapDataset` of dicts (see `to_example`) with len(rows) rows each.
 
   Raises:
-    DataError: the split holds less than one sequence, or the batch does not split over hosts.
+    DataError: the split holds less than one sequence.
   """
-  process_index = jax.process_index() if process_index is None else process_index
-  process_count = jax.process_count() if process_count is None else process_count
   if split not in (sources.TRAIN, sources.VAL):
     raise ValueError(f"split must be {sources.TRAIN!r} or {sources.VAL!r}, got {split!r}")
   if seq_len < 1 or global_batch < 1:
     raise fail("train.seq_len", f"seq_len={seq_len} and global_batch={global_batch} must be >= 1",
                "Set positive sizes.")
-  if global_batch % process_count or not 0 <= process_index < process_count:
-    raise fail("train.global_batch", f"{global_batch} sequences do not split evenly over "
-               f"{process_count} hosts (this is host {process_index})",
-               "Use a global batch divisible by the number of hosts.")
+  rows = np.arange(global_batch) if rows is None else np.asarray(rows, np.int64)
+  if not len(rows) or rows.min() < 0 or rows.max() >= global_batch:
+    raise ValueError(f"rows must be non-empty indices of a {global_batch}-row batch, got {rows}")
   entry = cache.load_or_build(d, tokenizer)
   windows = PackedSequences(entry.file(split), seq_len)
   if not windows:
@@ -119,22 +143,20 @@ def dataset(d: ml_collections.ConfigDict, tokenizer: Tokenizer, split: str, *, s
                     ("train.seq_len", "Use more training text or shorter sequences."))
     raise fail(setting, f"the {split} split has {windows.num_tokens} tokens, less than one "
                f"sequence of seq_len + 1 = {seq_len + 1}", fix)
-  per_host = global_batch // process_count
   ds = grain.MapDataset.source(windows)
   if split == sources.TRAIN:
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(None)  # endless; Grain reseeds the shuffle each epoch: a new permutation
-  # Global batch k = host batches k * P .. k * P + P - 1 of per_host rows: take this host's one.
-  ds = ds.batch(per_host, drop_remainder=True)
-  stop = num_batches * process_count if num_batches is not None else None
-  ds = ds.slice(slice(process_index, stop, process_count))
+  ds = RowsOfBatches(ds, global_batch, rows)
+  if num_batches is not None:
+    ds = ds.slice(slice(0, num_batches))
   return ds.map(functools.partial(to_example, eos_id=tokenizer.eos_id,
                                   segment_ids=d.document_mask))
 
 
 def make(d: ml_collections.ConfigDict, tokenizer: Tokenizer, split: str = sources.TRAIN, *,
-         seq_len: int, global_batch: int, seed: int, process_index: int | None = None,
-         process_count: int | None = None) -> grain.DatasetIterator:
+         seq_len: int, global_batch: int, seed: int,
+         rows: Sequence[int] | None = None) -> grain.DatasetIterator:
   """The checkpointable iterator over this host's batches, step after step.
 
   Arguments are those of `dataset`. Batches are prepared `data.prefetch` ahead, in
@@ -146,20 +168,20 @@ def make(d: ml_collections.ConfigDict, tokenizer: Tokenizer, split: str = source
     (without workers the state is `{'next_index': step}`).
   """
   ds = dataset(d, tokenizer, split, seq_len=seq_len, global_batch=global_batch, seed=seed,
-               process_index=process_index, process_count=process_count)
+               rows=rows)
   return iter(_prefetch(ds, d, workers=d.worker_count))
 
 
 def make_eval(d: ml_collections.ConfigDict, tokenizer: Tokenizer, *, seq_len: int,
-              global_batch: int, num_batches: int, process_index: int | None = None,
-              process_count: int | None = None) -> grain.IterDataset:
+              global_batch: int, num_batches: int,
+              rows: Sequence[int] | None = None) -> grain.IterDataset:
   """The validation batches: the val split in order, `num_batches` steps (repeating if short).
 
   Returns:
     A `grain.IterDataset`; every `iter()` of it yields the same `num_batches` batches.
   """
   ds = dataset(d, tokenizer, sources.VAL, seq_len=seq_len, global_batch=global_batch,
-               num_batches=num_batches, process_index=process_index, process_count=process_count)
+               num_batches=num_batches, rows=rows)
   return _prefetch(ds, d, workers=0)  # workers would start anew on every pass
 
 
@@ -179,18 +201,3 @@ def _prefetch(ds: grain.MapDataset, d: ml_collections.ConfigDict,
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
                                                      per_worker_buffer_size=max(d.prefetch, 1)))
   return it
-
-
-def to_global(batch: Mapping[str, np.ndarray],
-              sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
-  """Assembles every host's batch into global arrays laid out by `sharding`.
-
-  Args:
-    batch: this host's batch, [B_host, L] per entry.
-    sharding: the global batch's sharding, e.g. `NamedSharding(mesh, P(("data", "fsdp")))`.
-
-  Returns:
-    The same keys as `jax.Array`s of shape [B_host * process_count, L].
-  """
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in batch.items()}

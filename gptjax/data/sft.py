@@ -23,15 +23,16 @@ SFT: [BOS] prompt completion [EOS] with loss weight 1 on the completion and the 
 segments) with positions restarting at 0, so a packed example trains exactly as it would alone.
 """
 
+from collections.abc import Sequence
 import dataclasses
 import json
 import os
 
 import grain
-import jax
 import ml_collections
 import numpy as np
 
+from gptjax.data import pipeline
 from gptjax.data.errors import fail
 from gptjax.data.tokenizer import Tokenizer
 from gptjax.heads import PAIR_TASKS, TASKS
@@ -306,17 +307,21 @@ def load(path: str, setting: str, fmt: Format, tok: Tokenizer) -> Encoded:
   return encode(read_jsonl(path, setting), fmt, tok)
 
 
-def train_batches(rows: Rows, *, micro_batch: int, seed: int, process_index: int | None = None,
-                  process_count: int | None = None) -> grain.MapDataset:
-  """Element k is this host's part of micro-batch k of an endless stream, reshuffled every epoch.
+def train_batches(rows: Rows, *, micro_batch: int, seed: int,
+                  rows_of_batch: Sequence[int] | None = None) -> grain.MapDataset:
+  """Element k is this host's rows of micro-batch k of an endless stream, reshuffled every epoch.
 
   The order depends only on (seed, k), so a run resumes exactly from its step count.
+
+  Args:
+    rows: the encoded examples.
+    micro_batch: rows of a micro-batch over all hosts.
+    seed: the shuffle seed.
+    rows_of_batch: the rows of each micro-batch this host loads (`HostRows.rows`); default all.
   """
-  process_index = jax.process_index() if process_index is None else process_index
-  process_count = jax.process_count() if process_count is None else process_count
   ds = grain.MapDataset.source(rows).shuffle(seed=seed).repeat(None)
-  ds = ds.batch(micro_batch // process_count, drop_remainder=True)
-  return ds.slice(slice(process_index, None, process_count))
+  take = np.arange(micro_batch) if rows_of_batch is None else rows_of_batch
+  return pipeline.RowsOfBatches(ds, micro_batch, take)
 
 
 def eval_batches(rows: Rows, batch: int) -> list[dict[str, np.ndarray]]:
