@@ -158,11 +158,9 @@ class Attention(nn.Module):
     elif a.prefix_len:  # prefix tuning: every query also sees this layer's learned K/V prefix
       out_BxLxNxH = self._prefixed(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, segment_ids_BxL, deterministic)
     elif a.attn_dropout > 0.0 and not deterministic:
-      # jax.nn.dot_product_attention has no dropout; the Flax reference path does.
-      out_BxLxNxH = nn.dot_product_attention(
-          q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, mask=_causal_mask(length, self.window, segment_ids_BxL),
-          dropout_rate=a.attn_dropout, dropout_rng=self.make_rng("dropout"), deterministic=False,
-          dtype=a.dtype)
+      out_BxLxNxH = _xla_attention(
+          q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, _causal_mask(length, self.window, segment_ids_BxL),
+          a.attn_dropout, self.make_rng("dropout"))
     elif a.attention_impl == "cudnn" or (a.attention_impl is None
                                          and jax.default_backend() == "gpu"):
       mask = None
@@ -236,9 +234,8 @@ class Attention(nn.Module):
     causal = _causal_mask(length, self.window, segment_ids_BxL)
     mask = jnp.concatenate([jnp.ones(causal.shape[:3] + (a.prefix_len,), bool), causal], axis=-1)
     if a.attn_dropout > 0.0 and not deterministic:
-      return nn.dot_product_attention(
-          q_BxLxNxH, k_BxTxNxH, v_BxTxNxH, mask=mask, dropout_rate=a.attn_dropout,
-          dropout_rng=self.make_rng("dropout"), deterministic=False, dtype=a.dtype)
+      return _xla_attention(q_BxLxNxH, k_BxTxNxH, v_BxTxNxH, mask, a.attn_dropout,
+                            self.make_rng("dropout"))
     return _xla_attention(q_BxLxNxH, k_BxTxNxH, v_BxTxNxH, mask)
 
 
@@ -264,18 +261,31 @@ def _softmax_bwd(y, dy):
 _softmax.defvjp(_softmax_fwd, _softmax_bwd)
 
 
-def _xla_attention(q_BxLxNxH: Array, k_BxLxNxH: Array, v_BxLxNxH: Array, mask: Array) -> Array:
+def _xla_attention(q_BxLxNxH: Array, k_BxTxNxH: Array, v_BxTxNxH: Array, mask: Array,
+                   dropout_rate: float = 0.0, dropout_rng: Array | None = None) -> Array:
   """softmax(q k^T / sqrt(H), masked) v, scores and softmax in float32, compiled by XLA.
 
   The same math as jax.nn.dot_product_attention's XLA path, with a softmax that keeps only the
-  probabilities for the backward pass.
+  probabilities for the backward pass, and optional attention dropout.
+
+  Args:
+    q_BxLxNxH: queries.
+    k_BxTxNxH: keys (T = L, or L plus a prefix).
+    v_BxTxNxH: values; their dtype is the compute dtype the probabilities are cast to.
+    mask: boolean, broadcastable to [B, N, L, T]; True where the query sees the key.
+    dropout_rate: the probability of zeroing each attention probability. Each batch row, head,
+      query and key draws its own (as GPT-2 does); kept probabilities are scaled by 1 / (1 - rate).
+    dropout_rng: the PRNG key for the dropout mask (needed if dropout_rate > 0).
   """
-  scores_BxNxLxL = jnp.einsum("bqnh,bknh->bnqk", q_BxLxNxH, k_BxLxNxH,
+  scores_BxNxLxT = jnp.einsum("bqnh,bknh->bnqk", q_BxLxNxH, k_BxTxNxH,
                               preferred_element_type=jnp.float32)
-  scores_BxNxLxL = jnp.where(mask, scores_BxNxLxL / math.sqrt(q_BxLxNxH.shape[-1]),
+  scores_BxNxLxT = jnp.where(mask, scores_BxNxLxT / math.sqrt(q_BxLxNxH.shape[-1]),
                              jnp.finfo(jnp.float32).min)
-  probs_BxNxLxL = _softmax(scores_BxNxLxL).astype(v_BxLxNxH.dtype)
-  return jnp.einsum("bnqk,bknh->bqnh", probs_BxNxLxL, v_BxLxNxH)
+  probs_BxNxLxT = _softmax(scores_BxNxLxT)
+  if dropout_rate > 0.0:
+    keep_BxNxLxT = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BxNxLxT.shape)
+    probs_BxNxLxT = jnp.where(keep_BxNxLxT, probs_BxNxLxT / (1.0 - dropout_rate), 0.0)
+  return jnp.einsum("bnqk,bknh->bqnh", probs_BxNxLxT.astype(v_BxTxNxH.dtype), v_BxTxNxH)
 
 
 def _blocked_causal_attention(q_BxLxNxH: Array, k_BxLxNxH: Array, v_BxLxNxH: Array,

@@ -272,3 +272,86 @@ def test_cross_entropy_matches_optax():
   z = jax.nn.logsumexp(logits, -1)
   zl, _ = cross_entropy(logits, targets, z_loss=1e-2)
   np.testing.assert_allclose(zl, (ref + 1e-2 * z**2).mean(), rtol=1e-6)
+
+
+# ---- attention dropout -------------------------------------------------------------------------
+def _probe_attention(dtype, rate=0.5, batch=8, seed=0):
+  """Attention whose output reads out the dropped attention probabilities, and the scores.
+
+  L = H = 16 positions, N = 4 heads, D = N * H. The input at position j is [e_j, r_j, s_j, 0]:
+  every head has q_j = r_j, k_j = s_j and v_j = e_j (one-hot), and the output projection is the
+  identity from (head n, dim h) to n * H + h, so y[b, i, n * H + j] = dropout(probs)[b, n, i, j].
+  All rows and heads have the same inputs; r, s are bfloat16-exact, so every dtype sees the same
+  scores. Returns (y [B, L, N, L] as float64, scores [L, L] in float64).
+  """
+  length, n = 16, 4
+  args = dataclasses.replace(SMALL, n_heads=n, d_head=length, d_model=n * length,
+                             attn_dropout=rate, dtype=dtype)
+  rng = np.random.default_rng(seed)
+  r, s = (np.asarray(jnp.asarray(1.5 * rng.normal(size=(length, length)), jnp.bfloat16),
+                     np.float64) for _ in range(2))
+  x = np.zeros((length, args.d_model))
+  x[:, :length], x[:, length:2 * length], x[:, 2 * length:3 * length] = np.eye(length), r, s
+  qkv = np.zeros((args.d_model, 3, n, length))
+  for part, first in ((0, length), (1, 2 * length), (2, 0)):
+    qkv[first + np.arange(length), part, :, np.arange(length)] = 1.0
+  params = {"qkv": {"kernel": qkv, "bias": np.zeros((3, n, length))},
+            "out": {"kernel": np.eye(args.d_model).reshape(n, length, args.d_model),
+                    "bias": np.zeros(args.d_model)}}
+  params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
+  x_BxLxD = jnp.asarray(np.broadcast_to(x, (batch,) + x.shape), jnp.float32)
+  y = Attention(args).apply({"params": params}, x_BxLxD, None, False,
+                            rngs={"dropout": jax.random.key(seed)})
+  return np.asarray(y, np.float64).reshape(batch, length, n, length), r @ s.T / np.sqrt(length)
+
+
+def _softmax_reference(scores):
+  """float64 numpy causal softmax over the last axis."""
+  length = scores.shape[-1]
+  s = np.where(np.tril(np.ones((length, length), bool)), scores, -np.inf)
+  w = np.exp(s - s.max(-1, keepdims=True))
+  return w / w.sum(-1, keepdims=True)
+
+
+def test_attention_dropout_masks_each_row_and_head_on_its_own():
+  """GPT-2 (and HF's torch GPT-2) drops each attention probability independently; one [L, L] mask
+  shared by every batch row and head (Flax's `broadcast_dropout=True`) is far less noise."""
+  rate = 0.5
+  y_BxLxNxL, scores = _probe_attention(jnp.float32, rate)
+  probs = _softmax_reference(scores)
+  causal = np.tril(np.ones(probs.shape, bool))
+  kept_BxNxLxL = y_BxLxNxL.transpose(0, 2, 1, 3) != 0
+  assert not kept_BxNxLxL[..., ~causal].any()  # the future stays masked
+  # Kept probabilities are scaled by 1 / (1 - rate); the rest are exactly 0.
+  np.testing.assert_allclose(y_BxLxNxL.transpose(0, 2, 1, 3),
+                             np.where(kept_BxNxLxL, probs / (1 - rate), 0.0), rtol=1e-5, atol=1e-7)
+  masks = kept_BxNxLxL[..., causal]  # [B, N, L(L+1)/2]: 8 * 4 * 136 = 4352 draws
+  # Keep rate: 1 - rate, binomial standard deviation 0.0076; 4 sigma is 0.03.
+  assert abs(masks.mean() - (1 - rate)) < 0.03, masks.mean()
+  flat = masks.reshape(-1, masks.shape[-1])
+  assert len({m.tobytes() for m in flat}) == len(flat), "a mask repeats across rows or heads"
+
+
+def test_attention_dropout_softmax_runs_in_float32_under_bfloat16():
+  """Under bfloat16 compute the probabilities before dropout are a float32 softmax, rounded once
+  to bfloat16 (relative error <= 2^-8); a bfloat16 softmax errs by several percent on these
+  scores (|s| up to ~10; the Flax path this replaced: 3.7e-2)."""
+  rate = 0.5
+  y_BxLxNxL, scores = _probe_attention(jnp.bfloat16, rate)
+  probs = _softmax_reference(scores)[:, None, :]  # [L, 1, L]
+  kept = y_BxLxNxL != 0
+  assert kept.mean() > 0.2
+  probs = np.broadcast_to(probs, y_BxLxNxL.shape)[kept]
+  rel = np.abs(y_BxLxNxL[kept] * (1 - rate) - probs) / probs
+  assert rel.max() <= 2.0**-8 + 1e-6, rel.max()  # measured 3.7e-3
+
+
+@pytest.mark.parametrize("prefix_len", [0, 2], ids=["plain", "prefix_tuning"])
+def test_attention_dropout_differs_between_identical_rows(prefix_len):
+  args = dataclasses.replace(SMALL, attn_dropout=0.3, prefix_len=prefix_len)
+  params, tokens = init(args)
+  tokens = jnp.broadcast_to(tokens[:1], tokens.shape)  # three identical rows
+  apply = jax.jit(functools.partial(GPT(args).apply, deterministic=False))
+  logits = apply({"params": params}, tokens, rngs={"dropout": jax.random.key(0)})
+  for row in (1, 2):
+    assert np.abs(np.asarray(logits[0] - logits[row])).max() > 1e-4, row
