@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from gptjax import accounting, config as config_lib, sharding
+from gptjax import accounting, config as config_lib, optim, sharding
 from gptjax.model import ModelArgs
 from gptjax.train import Trainer
 
@@ -35,11 +35,11 @@ def bench_devices(cfg: ml_collections.ConfigDict) -> list:
 
 
 def random_batch(cfg: ml_collections.ConfigDict, seed: int = 0) -> dict[str, np.ndarray]:
-  """A [accum, micro_batch, seq_len] batch of random token ids (inputs and shifted targets)."""
-  t = cfg.train
-  seq_len, micro = t.seq_len or cfg.model.ctx, t.micro_batch or t.global_batch
+  """A [accum, micro_batch, seq_len] batch of random token ids (inputs and shifted targets): the
+  full global batch in the run plan's micro-batches (the steps after any batch ramp)."""
+  run = optim.plan(cfg)
   rng = np.random.default_rng(seed)
-  tokens = rng.integers(0, cfg.model.vocab_size, (t.global_batch // micro, micro, seq_len + 1),
+  tokens = rng.integers(0, cfg.model.vocab_size, (run.max_accum, run.micro_batch, run.seq_len + 1),
                         dtype=np.int32)
   return {"inputs": tokens[..., :-1], "targets": tokens[..., 1:]}
 
@@ -136,7 +136,7 @@ def run(cfg: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2,
   out = {
       "preset": cfg.name, "mesh": info["mesh"], "devices": len(devices),
       "device_kind": devices[0].device_kind, "dtype": cfg.model.dtype,
-      "batch": cfg.train.global_batch, "micro_batch": cfg.train.micro_batch or cfg.train.global_batch,
+      "batch": cfg.train.global_batch, "micro_batch": optim.micro_batch(cfg),
       "seq_len": seq_len, "steps": steps, "warmup": warmup,
       "tokens_per_s": round(tokens_per_s, 1), "step_s": round(med["gptjax"], 4),
       "step_s_min": round(min(times["gptjax"]), 4), "step_s_max": round(max(times["gptjax"]), 4),

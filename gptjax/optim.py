@@ -3,6 +3,12 @@
 Lengths (warmup, decay, the run itself) may be given in steps or tokens; `RunPlan` turns tokens into
 steps, taking the GPT-3 batch-size ramp into account (the batch grows in whole micro-batches, so each
 distinct size compiles once).
+
+The ramp needs micro-batches no larger than its first batch. So with `optim.batch_ramp_tokens` on
+and `train.micro_batch = 0`, the micro-batch resolves to the ramp's start
+(`optim.batch_ramp_start` tokens / seq_len sequences, lowered to a divisor of the global batch),
+not to the whole global batch; `RunPlan.micro_batch` is the resolved value that every reader
+should use.
 """
 
 import dataclasses
@@ -23,7 +29,7 @@ class RunPlan:
 
   Attributes:
     seq_len: tokens per sequence.
-    micro_batch: sequences per forward/backward pass (all devices).
+    micro_batch: sequences per forward/backward pass (all devices), resolved (`micro_batch`).
     max_accum: micro-batches per step at the full global batch.
     ramp: (first_step, accum) pairs, ascending; the last entry holds until the end.
     total_steps: optimizer steps in the run.
@@ -67,13 +73,41 @@ class RunPlan:
     return lo
 
 
+def micro_batch(cfg: ml_collections.ConfigDict) -> int:
+  """Sequences per forward/backward pass: `train.micro_batch`, or what 0 resolves to.
+
+  0 means the global batch, except under a batch ramp (`optim.batch_ramp_tokens > 0`) whose start
+  is smaller than the global batch: then it is the ramp's start in sequences
+  (`optim.batch_ramp_start / seq_len`, at least 1), lowered to the nearest divisor of the global
+  batch, so that the first steps take one micro-batch and the batch can grow from there (GPT-3:
+  32k tokens = 16 sequences of 2048).
+  """
+  t, o = cfg.train, cfg.optim
+  if t.micro_batch or o.batch_ramp_tokens <= 0:
+    return t.micro_batch or t.global_batch
+  start = max(1, round(o.batch_ramp_start / (t.seq_len or cfg.model.ctx)))
+  return max(d for d in range(1, min(start, t.global_batch) + 1) if t.global_batch % d == 0)
+
+
 def plan(cfg: ml_collections.ConfigDict) -> RunPlan:
-  """Resolves batch sizes, the GPT-3 ramp and the run length from the config."""
+  """Resolves batch sizes, the GPT-3 ramp and the run length from the config.
+
+  Raises:
+    ConfigError: the ramp is on but the global batch is a single micro-batch, so it cannot grow.
+  """
   t, o = cfg.train, cfg.optim
   seq_len = t.seq_len or cfg.model.ctx
-  micro = t.micro_batch or t.global_batch
+  micro = micro_batch(cfg)
   max_accum = t.global_batch // micro
   ramp = [(0, max_accum)]
+  if o.batch_ramp_tokens > 0 and max_accum == 1 and t.global_batch * seq_len > o.batch_ramp_start:
+    raise ConfigError(
+        f"config.optim.batch_ramp_tokens: the batch ramp grows the batch in whole micro-batches "
+        f"from {o.batch_ramp_start} tokens, but train.micro_batch={t.micro_batch} is the whole "
+        f"global batch, so every step would take all {t.global_batch} sequences. Set "
+        f"train.micro_batch to a divisor of the global batch no larger than the ramp's start "
+        f"({max(1, round(o.batch_ramp_start / seq_len))} sequences of {seq_len}; 0 chooses it), or "
+        "optim.batch_ramp_tokens=0 to train at the full batch from the first step.")
   if o.batch_ramp_tokens > 0 and max_accum > 1:
     tokens_per_micro = micro * seq_len
     start = max(1, min(max_accum, round(o.batch_ramp_start / tokens_per_micro)))

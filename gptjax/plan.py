@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from gptjax import accounting, config as config_lib, sharding
+from gptjax import accounting, config as config_lib, optim, sharding
 from gptjax.model import ModelArgs
 from gptjax.train import Trainer
 
@@ -93,7 +93,7 @@ def estimate(cfg: ml_collections.ConfigDict, n_devices: int) -> accounting.Memor
   """The accounting module's training memory per device for this config on `n_devices`."""
   sizes = config_lib.mesh_shape(cfg.mesh, n_devices)
   args = ModelArgs.from_config(cfg.model)
-  micro = cfg.train.micro_batch or cfg.train.global_batch
+  micro = optim.micro_batch(cfg)  # resolved: under a batch ramp 0 is the ramp's start
   per_device = max(micro // (sizes["data"] * sizes["fsdp"]), 1)
   return accounting.memory_per_device(args, cfg.train.seq_len or args.ctx, per_device,
                                       fsdp=sizes["fsdp"], tensor=sizes["tensor"])
@@ -133,6 +133,9 @@ def suggest(cfg: ml_collections.ConfigDict, n_devices: int, memory: float) -> st
   args = ModelArgs.from_config(cfg.model)
   big = accounting.param_counts(args).total >= TENSOR_PARALLEL_FROM
   seq_len = cfg.train.seq_len or args.ctx
+  # A batch ramp grows the batch in micro-batches, so it needs more than one per step.
+  o = cfg.optim
+  ramp = o.batch_ramp_tokens > 0 and cfg.train.global_batch * seq_len > o.batch_ramp_start
   for tensor in (8, 4, 2, 1) if big else (1, 2, 4, 8):
     if n_devices % tensor or args.n_heads % tensor:
       continue
@@ -140,7 +143,8 @@ def suggest(cfg: ml_collections.ConfigDict, n_devices: int, memory: float) -> st
     if cfg.train.global_batch % fsdp:
       continue
     rows = cfg.train.global_batch // fsdp  # sequences per device per optimizer step
-    per_device = [k for k in range(rows, 0, -1) if rows % k == 0]  # micro-batch divisors
+    per_device = [k for k in range(rows, 0, -1)  # micro-batch divisors
+                  if rows % k == 0 and not (ramp and k == rows)]
     for remat in REMAT_ORDER:
       for k in per_device:
         est = accounting.memory_per_device(dataclasses.replace(args, remat=remat), seq_len, k,
@@ -168,9 +172,15 @@ def make(cfg: ml_collections.ConfigDict, n_devices: int, device_kind: str = "h10
   config_lib.validate(cfg, n_devices=n_devices)
   args = ModelArgs.from_config(cfg.model)
   sizes = config_lib.mesh_shape(cfg.mesh, n_devices)
-  seq_len = cfg.train.seq_len or args.ctx
-  micro = cfg.train.micro_batch or cfg.train.global_batch
-  accum = cfg.train.global_batch // micro
+  run = optim.plan(cfg)  # the micro-batch and accumulation the loop will use
+  seq_len, micro, accum = run.seq_len, run.micro_batch, run.max_accum
+  shards = sizes["data"] * sizes["fsdp"]
+  if micro % shards:  # validate() checks train.micro_batch as written; a ramp resolves 0 lower
+    raise config_lib.ConfigError(
+        f"config.train.micro_batch: the micro-batch of {micro} sequences (train.micro_batch=0 "
+        f"resolves to the batch ramp's start) does not split over data x fsdp = {shards} devices. "
+        f"Set train.micro_batch to a multiple of {shards} dividing global_batch="
+        f"{cfg.train.global_batch}; the ramp then starts at one micro-batch.")
   flops_token = accounting.flops_per_token(args, seq_len)
   tokens_step = cfg.train.global_batch * seq_len
   est = estimate(cfg, n_devices)
@@ -207,7 +217,7 @@ def make(cfg: ml_collections.ConfigDict, n_devices: int, device_kind: str = "h10
 def _current_flags(cfg: ml_collections.ConfigDict) -> set[str]:
   return {f"--config.mesh.{a}={cfg.mesh[a]}" for a in config_lib.MESH_AXES} | {
       f"--config.model.remat={cfg.model.remat}",
-      f"--config.train.micro_batch={cfg.train.micro_batch or cfg.train.global_batch}"}
+      f"--config.train.micro_batch={optim.micro_batch(cfg)}"}
 
 
 def _gb(x: float | None) -> str:

@@ -67,6 +67,7 @@ def test_a_preset_that_does_not_fit_gets_a_suggestion_that_does():
   cfg = configs.load("gpt3:xl")
   with cfg.unlocked():
     cfg.mesh.update(data=8, fsdp=1, tensor=1)  # replicated 1.3B params + Adam, whole-batch backward
+    cfg.train.micro_batch, cfg.optim.batch_ramp_tokens = 512, 0
   report = plan.make(cfg, 8, "h100", compile_step=False)
   assert report.fits is False and report.suggestion
   # Apply the suggestion: the estimate now fits.
@@ -77,6 +78,20 @@ def test_a_preset_that_does_not_fit_gets_a_suggestion_that_does():
       cfg[section][name] = type(cfg[section][name])(value)
   fixed = plan.make(cfg, 8, "h100", compile_step=False)
   assert fixed.fits, plan.format_report(fixed)
+
+
+def test_the_report_uses_the_micro_batch_of_the_ramp():
+  """GPT-3 presets step in 32k-token micro-batches (the batch ramp's start), and so does the plan."""
+  cfg = configs.load("gpt3:small")
+  report = plan.make(cfg, 8, "h100", compile_step=False)
+  assert (report.micro_batch, report.accum, report.tokens_per_step) == (16, 16, 256 * 2048)
+  cfg.train.micro_batch = 0  # resolves to the same 16 sequences
+  assert plan.make(cfg, 8, "h100", compile_step=False).micro_batch == 16
+  with cfg.unlocked():
+    cfg.mesh.update(data=1, fsdp=32)  # 16 sequences cannot split over 32 devices
+  with pytest.raises(ConfigError, match=r"train\.micro_batch: the micro-batch of 16 sequences.*"
+                                        r"multiple of 32"):
+    plan.make(cfg, 32, "h100", compile_step=False)
 
 
 def test_nothing_fits_says_use_more_devices():
