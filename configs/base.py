@@ -117,6 +117,7 @@ def get_config() -> ml_collections.ConfigDict:
   ck.keep_best = 1  # also keep this many best by validation loss (0 = off)
   ck.async_save = True  # write checkpoints in the background while training goes on
   ck.restore_from = ""  # start from another run's weights (not its optimizer): its workdir
+  ck.start_over = False  # True: start at step 0 although every checkpoint was unreadable (moved aside)
 
   # ---- optimizer (gptjax/optim.py) ----------------------------------------------------------
   o = c.optim = ml_collections.ConfigDict()

@@ -19,6 +19,7 @@ A params-only checkpoint (`save_params`: for serving, or `checkpoint.restore_fro
 import json
 import os
 import shutil
+import time
 from typing import Any
 
 import jax
@@ -26,9 +27,10 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as keep_lib
 
-from gptjax import layout
+from gptjax import layout, optstate
 from gptjax.config import ConfigError
 
 
@@ -85,58 +87,252 @@ class Checkpointer:
     self.manager.wait_until_finished()
     self.manager.close()
 
-  def restore_latest(self, abstract_state) -> tuple[Any, dict[str, Any]] | None:
+  def restore_latest(self, abstract_state,
+                     init_opt_state=None) -> tuple[Any, dict[str, Any]] | None:
     """The newest readable checkpoint as (state, meta), or None if there is none.
 
     The state comes back in `abstract_state`'s layout and shardings, whichever layout and mesh
-    wrote it. An unreadable checkpoint is moved to `<workdir>/corrupt_checkpoints/<step>` with a
-    warning and the previous one is tried; nothing is deleted.
+    wrote it. The optimizer state is matched by role and parameter path (`gptjax.optstate`), so a
+    checkpoint restores across changes of the Optax chain (clipping, `train.nonfinite`, pruning):
+    state with no counterpart starts from `init_opt_state(params)` (its step counts from the
+    checkpoint's step), and one line says which.
+
+    Three outcomes per checkpoint, decided once for all processes:
+    - readable: restored;
+    - unreadable (incomplete, truncated or garbled files): moved to
+      `<workdir>/corrupt_checkpoints/<step>` with a warning, and the previous one is tried;
+    - a read error that persists over `READ_ATTEMPTS` tries (I/O error, timeout): the run stops
+      with `CheckpointReadError` and the checkpoint stays where it is.
+    A checkpoint that does not fit this model raises ConfigError before anything is read or moved.
     """
     for step in sorted(self.manager.all_steps(), reverse=True):
-      stored = _stored_params(self.manager, step)
-      if stored is not None and not os.path.isdir(os.path.join(self.directory, str(step),
-                                                               "opt_state")):
-        raise ConfigError(
-            f"the checkpoint at step {step} in {self.directory} holds parameters only (an export "
-            "for serving), so training cannot resume from it. Start a new workdir with "
-            f"--config.checkpoint.restore_from={self.workdir}.")
-      plan = _RestorePlan(stored, abstract_state.params, f"the checkpoint at step {step}")
+      self._refuse_params_only(step)
+      outcome, error, restored = _READ, None, None
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(plan.saved_layout(abstract_state.params)),
-            opt_state=ocp.args.StandardRestore(plan.saved_layout(abstract_state.opt_state)),
-            meta=ocp.args.JsonRestore()))
-      except Exception as e:  # pylint: disable=broad-except  (any unreadable file means: skip it)
-        logging.warning("checkpoint at step %d is unreadable (%s: %s); falling back to the "
-                        "previous one", step, type(e).__name__, str(e)[:200])
-        print(f"gptjax: WARNING: checkpoint at step {step} is unreadable; moved aside, trying the "
-              "previous one", flush=True)
+        restored = self._read_with_retries(step, abstract_state, init_opt_state)
+      except _Unreadable as e:
+        outcome, error = _UNREADABLE, e
+      except CheckpointReadError as e:
+        outcome, error = _READ_ERROR, e
+      outcome = _worst_on_any_process(outcome)
+      if outcome == _READ_ERROR:
+        raise error or CheckpointReadError(
+            f"another process could not read the checkpoint at step {step} in {self.directory}; "
+            "it was left in place. Check the storage and run again.")
+      if outcome == _UNREADABLE:
+        why = f" ({error})" if error else " (on another process)"
+        logging.warning("checkpoint at step %d is unreadable%s", step, why)
+        print(f"gptjax: WARNING: checkpoint at step {step} is unreadable{why}; moved to "
+              "corrupt_checkpoints/, trying the previous one", flush=True)
         self._quarantine(step)
         continue
-      meta, params, opt_state = dict(restored.meta), restored.params, restored.opt_state
-      del restored  # converted item by item, each saved-layout copy freed as soon as it is done
-      params = plan.to_target(params, abstract_state.params)
-      opt_state = plan.to_target(opt_state, abstract_state.opt_state)
-      state = abstract_state.replace(step=jax.numpy.asarray(meta["step"], "int32"),
-                                     params=params, opt_state=opt_state)
-      return state, meta
+      return restored
     return None
 
+  def _refuse_params_only(self, step: int) -> None:
+    if (_stored_tree(self.manager, step, "params") is not None
+        and not os.path.isdir(os.path.join(self.directory, str(step), "opt_state"))):
+      raise ConfigError(
+          f"the checkpoint at step {step} in {self.directory} holds parameters only (an export "
+          "for serving), so training cannot resume from it. Start a new workdir with "
+          f"--config.checkpoint.restore_from={self.workdir}.")
+
+  def _read_with_retries(self, step: int, abstract_state, init_opt_state):
+    for attempt in range(READ_ATTEMPTS):
+      try:
+        return self._read(step, abstract_state, init_opt_state)
+      except (ConfigError, _Unreadable):
+        raise
+      except Exception as e:  # pylint: disable=broad-except  (sorted into the two kinds below)
+        if not is_transient(e):
+          raise _Unreadable(f"{type(e).__name__}: {str(e)[:300]}") from e
+        if attempt + 1 == READ_ATTEMPTS:
+          raise CheckpointReadError(
+              f"the checkpoint at step {step} in {self.directory} could not be read after "
+              f"{READ_ATTEMPTS} tries ({type(e).__name__}: {str(e)[:300]}). It was left in place; "
+              "check the storage and run again.") from e
+        logging.warning("reading the checkpoint at step %d failed (%s); retrying", step, e)
+        time.sleep(READ_RETRY_S * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+  def _read(self, step: int, abstract_state, init_opt_state):
+    """Restores one checkpoint (see `restore_latest`); raises _Unreadable for missing metadata."""
+    stored = _stored_tree(self.manager, step, "params")
+    saved_opt = _stored_tree(self.manager, step, "opt_state")
+    if stored is None or saved_opt is None:
+      raise _Unreadable("its tree metadata cannot be read")
+    plan = _RestorePlan(stored, abstract_state.params, f"the checkpoint at step {step}")
+    target_opt = plan.saved_layout(abstract_state.opt_state)
+    opt = _OptPlan(target_opt, saved_opt, f"the checkpoint at step {step}")
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(plan.saved_layout(abstract_state.params)),
+        opt_state=ocp.args.StandardRestore(opt.saved_abstract),
+        meta=ocp.args.JsonRestore()))
+    meta, params = dict(restored.meta), restored.params
+    opt_state = opt.assemble(restored.opt_state)
+    del restored  # converted item by item, each saved-layout copy freed as soon as it is done
+    params = plan.to_target(params, abstract_state.params)
+    opt_state = plan.to_target(opt_state, abstract_state.opt_state)
+    if opt.match.fresh or opt.match.dropped:
+      opt_state = _fill_fresh(opt_state, abstract_state, params, stored_opt=saved_opt, plan=plan,
+                              init_opt_state=init_opt_state, step=meta["step"])
+      _log_once(f"optimizer state restored by parameter path; "
+                + (f"started fresh (no counterpart in the checkpoint): "
+                   f"{optstate.describe(opt.match.fresh)}" if opt.match.fresh else "")
+                + ("; " if opt.match.fresh and opt.match.dropped else "")
+                + (f"not used any more: {optstate.describe(opt.match.dropped)}"
+                   if opt.match.dropped else ""))
+    state = abstract_state.replace(step=jax.numpy.asarray(meta["step"], "int32"),
+                                   params=params, opt_state=opt_state)
+    return state, meta
+
   def _quarantine(self, step: int) -> None:
+    """Moves an unreadable checkpoint aside (process 0), then every process sees it gone."""
     if jax.process_index() == 0:
       bad = os.path.join(self.workdir, "corrupt_checkpoints")
       os.makedirs(bad, exist_ok=True)
-      shutil.move(os.path.join(self.directory, str(step)), os.path.join(bad, str(step)))
+      target = os.path.join(bad, str(step))
+      if os.path.exists(target):  # moved aside before: keep both
+        target += f".{int(time.time())}"
+      shutil.move(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"gptjax quarantine {step}")
     self.manager.reload()
 
+  def quarantined(self) -> list[str]:
+    """The checkpoints of this workdir moved aside as unreadable."""
+    bad = os.path.join(self.workdir, "corrupt_checkpoints")
+    return sorted(os.listdir(bad)) if os.path.isdir(bad) else []
 
-def _stored_params(manager: ocp.CheckpointManager, step: int):
-  """The params' tree of `ArrayMetadata` as saved, or None if the metadata is unreadable."""
+def _stored_tree(manager: ocp.CheckpointManager, step: int, item: str):
+  """An item's tree of `ArrayMetadata` as saved, or None if the metadata is unreadable."""
   try:
-    stored = manager.item_metadata(step)["params"]
+    stored = manager.item_metadata(step)[item]
   except Exception:  # pylint: disable=broad-except  (unreadable metadata: a broken checkpoint)
     return None
   return stored.tree if hasattr(stored, "tree") else stored
+
+
+class CheckpointReadError(RuntimeError):
+  """A committed checkpoint could not be read after retries; it was left where it is."""
+
+
+class _Unreadable(Exception):
+  """A checkpoint whose files are incomplete, truncated or garbled."""
+
+
+READ_ATTEMPTS = 3  # tries before a persisting read error stops the run
+READ_RETRY_S = 1.0  # first pause between tries; doubled after each
+_READ, _UNREADABLE, _READ_ERROR = 0, 1, 2
+# Status words of storage errors that may pass (TensorStore reports them in the message).
+_TRANSIENT_WORDS = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED",
+                    "Input/output error", "timed out", "Connection reset")
+
+
+def is_transient(error: BaseException) -> bool:
+  """Whether a read error may pass on a retry (I/O, network, timeout) rather than show damage.
+
+  Missing files (an incomplete checkpoint) and data errors (truncated or garbled bytes: TensorStore's
+  OUT_OF_RANGE, DATA_LOSS, decoding errors) are damage.
+  """
+  if isinstance(error, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+    return False
+  if isinstance(error, (OSError, TimeoutError, ConnectionError)):
+    return True
+  return any(word in str(error) for word in _TRANSIENT_WORDS)
+
+
+def _worst_on_any_process(outcome: int) -> int:
+  """The worst outcome over all processes, so they all take the same decision."""
+  if jax.process_count() == 1:
+    return outcome
+  return int(multihost_utils.process_allgather(np.array(outcome, np.int32)).max())
+
+
+_logged: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+  if message not in _logged and jax.process_index() == 0:
+    _logged.add(message)
+    print(f"gptjax: {message}", flush=True)
+
+
+class _OptPlan:
+  """How to read a saved optimizer state into the current one's tree (see `gptjax.optstate`).
+
+  Leaves are paired by role; paired leaves must have the same shape. The saved tree is read as it
+  was written, each leaf sharded like its counterpart (or like the parameter it belongs to, or
+  replicated), and rebuilt in the current tree with placeholders where state starts fresh.
+  """
+
+  def __init__(self, target, saved, what: str):
+    self.match = optstate.match(target, saved)
+    self._target_leaves, self._treedef = jax.tree.flatten(target)
+    saved_flat, self._saved_treedef = jax.tree_util.tree_flatten_with_path(saved)
+    mesh = next(x.sharding.mesh for x in self._target_leaves
+                if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding))
+    sharding: dict[int, Any] = {}
+    bad = []
+    for i, j in enumerate(self.match.source):
+      if j is None:
+        continue
+      t, (path, s) = self._target_leaves[i], saved_flat[j]
+      if tuple(t.shape) != tuple(s.shape):
+        bad.append(f"{jax.tree_util.keystr(path)}: stored {tuple(s.shape)}, now {tuple(t.shape)}")
+      sharding[j] = t.sharding
+    if bad:
+      raise ConfigError(f"{what} has an optimizer state that does not fit this model: "
+                        + "; ".join(bad[:6]) + ". Use the model config it was trained with, or "
+                        "checkpoint.restore_from (weights only) in a new workdir.")
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    self.saved_abstract = jax.tree_util.tree_unflatten(self._saved_treedef, [
+        jax.ShapeDtypeStruct(tuple(s.shape), s.dtype, sharding=sharding.get(j, replicated))
+        for j, (_, s) in enumerate(saved_flat)])
+
+  def assemble(self, restored_saved):
+    """The current tree from the restored saved leaves; fresh leaves are zeros for now."""
+    saved_leaves = jax.tree.leaves(restored_saved)
+    leaves = [saved_leaves[j] if j is not None else
+              jax.jit(lambda t=t: jax.numpy.zeros(t.shape, t.dtype), out_shardings=t.sharding)()
+              for t, j in zip(self._target_leaves, self.match.source)]
+    return jax.tree.unflatten(self._treedef, leaves)
+
+
+def _fill_fresh(opt_state, abstract_state, params, *, stored_opt, plan, init_opt_state, step):
+  """Replaces the leaves of `opt_state` (target layout) that have no saved counterpart with their
+  initial values; a fresh step count (`count`) starts at the checkpoint's step."""
+  saved_as_target = stored_opt
+  if plan.convert:  # roles name parameter paths: compare both in the target layout
+    saved_as_target = layout.convert_tree(
+        jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), stored_opt),
+        not plan.saved_scanned, plan.period, layout.take_abstract, layout.join_abstract)
+  match = optstate.match(abstract_state.opt_state, saved_as_target)
+  fresh = [i for i, j in enumerate(match.source) if j is None]
+  if not fresh:
+    return opt_state
+  if init_opt_state is None:
+    raise ConfigError("the checkpoint's optimizer state lacks "
+                      f"{optstate.describe(match.fresh)}, and no initialiser was given to start it")
+  flat = jax.tree_util.tree_flatten_with_path(abstract_state.opt_state)[0]
+  shardings = [flat[i][1].sharding for i in fresh]
+
+  def init(p):
+    leaves = jax.tree.leaves(init_opt_state(p))
+    out = []
+    for i in fresh:
+      x = leaves[i]
+      if optstate.role(flat[i][0]) == ("count",):
+        x = jax.numpy.full_like(x, step)
+      out.append(x)
+    return out
+
+  values = jax.jit(init, out_shardings=shardings)(params)
+  leaves = jax.tree.leaves(opt_state)
+  for i, v in zip(fresh, values):
+    leaves[i] = v
+  return jax.tree.unflatten(jax.tree.structure(opt_state), leaves)
+
 
 
 class _RestorePlan:
@@ -214,7 +410,7 @@ def restore_params(path: str, abstract_params) -> Any:
     raise ConfigError(f"config.checkpoint.restore_from: {path!r} holds no checkpoint. Train that "
                       "run first, or point at another.")
   what = f"config.checkpoint.restore_from: the checkpoint at {directory} (step {step})"
-  plan = _RestorePlan(_stored_params(manager, step), abstract_params, what)
+  plan = _RestorePlan(_stored_tree(manager, step, "params"), abstract_params, what)
   restored = manager.restore(step, args=ocp.args.Composite(
       params=ocp.args.StandardRestore(plan.saved_layout(abstract_params)))).params
   return plan.to_target(restored, abstract_params)

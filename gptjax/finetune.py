@@ -320,6 +320,34 @@ def _log(msg: str) -> None:
     print(f"gptjax: {msg}", flush=True)
 
 
+def warmup_steps(fraction: float, steps: int) -> int:
+  """`finetune.warmup_fraction` of `steps`, rounded, and at least one step when the fraction is
+  > 0 (GPT-1's 0.2% of a short run would otherwise round to no warmup at all)."""
+  return max(1, round(fraction * steps)) if fraction > 0 else 0
+
+
+# Settings of pre-training that fine-tuning does not implement: refused rather than ignored.
+_NOT_IN_FINETUNING = {
+    "compress.qat.enabled": ("quantization-aware training", False),
+    "compress.distill.teacher": ("distillation", ""),
+    "eval.tasks": ("downstream tasks during training (use finetune.val_path; evaluate the "
+                   "result with scripts/evaluate.py)", ""),
+    "checkpoint.restore_from": ("another run's weights (set finetune.base instead)", ""),
+    "train.sample_tokens": ("sampling at the end (use scripts/sample.py on the workdir)", 0),
+}
+
+
+def check_supported(cfg: ml_collections.ConfigDict) -> None:
+  """Refuses settings fine-tuning would otherwise silently ignore."""
+  for key, (what, off) in _NOT_IN_FINETUNING.items():
+    value = cfg
+    for part in key.split("."):
+      value = value[part]
+    if value != off:
+      raise ConfigError(f"config.{key}: fine-tuning does not do {what}, but it is set to "
+                        f"{value!r}. Set it to {off!r} for scripts/finetune.py.")
+
+
 def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str, Any]:
   """Fine-tunes as `cfg.finetune` says, resuming from the workdir's latest checkpoint.
 
@@ -335,6 +363,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str,
   if not f.train_path:
     raise ConfigError("config.finetune.train_path: is empty. Point it at a JSON Lines file of "
                       "training examples (formats: gptjax/data/sft.py).")
+  check_supported(cfg)
   load_base = resolve_base(cfg)
   os.makedirs(workdir, exist_ok=True)
   tokenizer = tokenizer_lib.load_or_train(cfg.data, workdir)
@@ -347,7 +376,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str,
   if f.epochs:
     t.update(steps=max(1, math.ceil(f.epochs * len(train.rows) / t.global_batch)), tokens=0)
   if f.warmup_fraction:
-    cfg.optim.warmup_steps = int(f.warmup_fraction * t.steps)
+    cfg.optim.warmup_steps = warmup_steps(f.warmup_fraction, t.steps)
   ft = FineTune.build(cfg, sharding.make_mesh(cfg.mesh, devices))
   plan = ft.trainer.run
   ckpt = checkpoint.Checkpointer(workdir, ck, config=cfg)
@@ -425,7 +454,7 @@ def _restore(ckpt: checkpoint.Checkpointer, ft: FineTune, load_base, workdir: st
     peft.check_fits(stored["lora"], ft.base_abstract())
   what = f"config.finetune.base: the fine-tuned weights in {workdir} (step {max(steps)})"
   checkpoint.check_shapes(stored, ft.trainer.abstract_state.params, what)
-  restored = ckpt.restore_latest(ft.trainer.abstract_state)
+  restored = ckpt.restore_latest(ft.trainer.abstract_state, init_opt_state=ft.trainer.tx.init)
   if restored is None:
     return None, None
   state, meta = restored

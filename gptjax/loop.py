@@ -8,6 +8,7 @@ the latest complete checkpoint, exactly: same parameters, optimizer state and da
 Metrics leave the device every `train.log_every` steps only.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -27,7 +28,7 @@ from gptjax import accounting, checkpoint, config as config_lib, generate, metri
 from gptjax import evaluate as evaluate_lib, feed, sharding
 from gptjax import distill, train as train_lib
 from gptjax.config import ConfigError
-from gptjax.data import pipeline, tokenizer as tokenizer_lib
+from gptjax.data import cache, pipeline, tokenizer as tokenizer_lib
 from gptjax.train import Trainer
 
 
@@ -40,24 +41,64 @@ def _log(msg: str) -> None:
     print(f"gptjax: {msg}", flush=True)
 
 
-# Model settings a run may change when it resumes: they leave the parameters as they are (the
-# vocabulary is set from the run's own tokenizer; checkpoints restore across scan layouts).
+# Settings a run may change when it resumes: everything except what defines the model's parameter
+# tree and the token stream. Model settings that leave the parameters as they are (the vocabulary
+# is set from the run's own tokenizer; checkpoints restore across scan layouts):
 _SAME_PARAMS = ("vocab_size", "scan_layers", "remat", "dtype", "attention_impl")
+# Settings that define the token stream a checkpoint's data position points into.
+_STREAM = ("seed", "data.source", "data.paths", "data.text_key", "data.txt_split",
+           "data.tfds_name", "data.tfds_data_dir", "data.tfds_train_split", "data.tfds_val_split",
+           "data.val_fraction", "data.max_docs", "data.tokenizer.")
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+  """{'optim.clip_norm': (1.0, 0.0), ...}: every setting whose value differs (missing = None)."""
+  a, b = _flat(old), _flat(new)
+  return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def _describe(changes: dict[str, tuple[Any, Any]]) -> str:
+  return ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
 
 
 def _check_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> None:
-  """Refuses a workdir that holds a run of another model, or that cannot be written."""
+  """Refuses, before anything is written, a resume that cannot continue the run in the workdir,
+  or a workdir that cannot be written; says in one line which settings changed otherwise."""
   saved = os.path.join(workdir, "config.json")
-  if os.path.exists(saved):
+  has_checkpoints = os.path.isdir(os.path.join(workdir, "checkpoints")) and any(
+      name.isdigit() for name in os.listdir(os.path.join(workdir, "checkpoints")))
+  if os.path.exists(saved) and has_checkpoints:
     with open(saved, encoding="utf-8") as f:
-      old = json.load(f)["model"]
-    new = json.loads(cfg.model.to_json_best_effort())
-    diff = sorted(k for k in new if k not in _SAME_PARAMS and old.get(k) != new[k])
-    if diff and os.path.isdir(os.path.join(workdir, "checkpoints")):
+      old = json.load(f)
+    changes = changed_settings(old, json.loads(cfg.to_json_best_effort()))
+    changes.pop("model.vocab_size", None)  # set from the run's own tokenizer below
+    model = {k: v for k, v in changes.items()
+             if k.startswith("model.") and k[len("model."):] not in _SAME_PARAMS}
+    if model:
       raise ConfigError(
-          f"workdir {workdir!r} holds a run of a different model (model.{', model.'.join(diff)}: "
-          f"{[old.get(k) for k in diff]} there, {[new[k] for k in diff]} now), so it cannot resume."
-          " Use a new --workdir, or checkpoint.restore_from to start from its weights.")
+          f"workdir {workdir!r} holds a run of a different model ({_describe(model)}), so it "
+          "cannot resume. Use a new --workdir, or checkpoint.restore_from to start from its "
+          "weights.")
+    stream = {k: v for k, v in changes.items() if k == "seed" or any(
+        k.startswith(p) for p in _STREAM if p != "seed")}
+    if stream:
+      raise ConfigError(
+          f"workdir {workdir!r} holds a run trained on another token stream ({_describe(stream)}): "
+          "its data position would skip or repeat data, and validation documents could move into "
+          "training. Put these settings back to resume, or start a new --workdir with "
+          f"--config.checkpoint.restore_from={workdir} (its weights, fresh data order).")
+    if changes:
+      _log(f"resuming with changed settings: {_describe(changes)}")
   try:
     os.makedirs(workdir, exist_ok=True)
     # A probe of its own per process: the processes of a multi-host run share the workdir.
@@ -77,21 +118,66 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: str, devices=None):
     raise ConfigError(f"config.checkpoint.restore_from: {cfg.checkpoint.restore_from!r} does not "
                       "exist. Point it at a gptjax run's workdir.")
   tokenizer = tokenizer_lib.load_or_train(cfg.data, workdir)
-  _check_same_on_all_hosts(tokenizer.fingerprint, "tokenizer")
+  _check_same_on_all_hosts(tokenizer.fingerprint, "tokenizer",
+                           "Give them the same data.tokenizer.path, or train it once and copy it "
+                           "to every host.")
+  if cfg.checkpoint.restore_from:
+    _check_same_tokenizer(cfg, cfg.checkpoint.restore_from, tokenizer)
+  if cfg.model.vocab_size != tokenizer.vocab_size:
+    _log(f"model.vocab_size: the config says {cfg.model.vocab_size:,}, the run's tokenizer "
+         f"({getattr(tokenizer, 'origin', '') or cfg.data.tokenizer.kind}) has "
+         f"{tokenizer.vocab_size:,} tokens; the model is built with "
+         f"{tokenizer.vocab_size:,}. For another vocabulary set data.tokenizer.vocab_size, or "
+         "data.tokenizer.kind='gpt2_bpe' with GPT-2's vocab.json + merges.txt.")
   cfg.model.vocab_size = tokenizer.vocab_size
   return tokenizer, sharding.make_mesh(cfg.mesh, devices)
 
 
-def _check_same_on_all_hosts(sha256_hex: str, what: str) -> None:
+def data_fingerprint(cfg: ml_collections.ConfigDict, tokenizer) -> str:
+  """The identity of the run's token stream, from its content: the tokenizer, each split's
+  document, token and character counts, and the first and last MiB of each split's tokens (file
+  names and times do not count: a copied or re-written corpus with the same text is the same)."""
+  entry = cache.load_or_build(cfg.data, tokenizer)
+  digest = hashlib.sha256(json.dumps({"tokenizer": entry.meta.get("tokenizer"),
+                                      "splits": entry.meta.get("splits")}, sort_keys=True,
+                                     default=str).encode())
+  for split in ("train", "val"):
+    with open(entry.file(split), "rb") as f:
+      digest.update(f.read(1 << 20))
+      f.seek(max(0, os.path.getsize(entry.file(split)) - (1 << 20)))
+      digest.update(f.read())
+  return digest.hexdigest()
+
+
+def _check_same_tokenizer(cfg: ml_collections.ConfigDict, other: str, tokenizer) -> None:
+  """Refuses weights of a run trained with another tokenizer: its embedding rows mean other tokens."""
+  run_dir = os.path.dirname(os.path.abspath(other)) if os.path.basename(
+      os.path.normpath(other)) == "checkpoints" else other
+  if not any(os.path.exists(os.path.join(run_dir, name)) for name in (
+      tokenizer_lib.WORKDIR_SPM, tokenizer_lib.WORKDIR_GPT2)):
+    _log(f"WARNING: {other} holds no tokenizer, so checkpoint.restore_from cannot check that its "
+         "embeddings match this run's tokenizer")
+    return
+  theirs = tokenizer_lib.load_or_train(checkpoint.read_config(run_dir, "checkpoint.restore_from")
+                                       .data, run_dir)
+  if theirs.fingerprint != tokenizer.fingerprint:
+    raise ConfigError(
+        f"config.checkpoint.restore_from: {other} was trained with another tokenizer "
+        f"({theirs.vocab_size} tokens, fingerprint {theirs.fingerprint[:12]}; this run: "
+        f"{tokenizer.vocab_size}, {tokenizer.fingerprint[:12]}), so its embedding rows stand for "
+        "other tokens. Use its tokenizer: --config.data.tokenizer.path pointing at the one in "
+        f"{run_dir}.")
+
+
+def _check_same_on_all_hosts(sha256_hex: str, what: str, fix: str) -> None:
   """Refuses a multi-process run whose processes hold different `what`s (by their sha256)."""
   if jax.process_count() == 1:
     return
   mine = np.frombuffer(bytes.fromhex(sha256_hex)[:8], np.uint8).astype(np.int32)
   every = multihost_utils.process_allgather(mine)
   if not (every == every[0]).all():
-    raise ConfigError(
-        f"the processes of this run have different {what}s (fingerprints differ between hosts). "
-        f"Give them the same data.{what}.path, or train it once and copy it to every host.")
+    raise ConfigError(f"the processes of this run have different {what}s (fingerprints differ "
+                      f"between hosts). {fix}")
 
 
 def write_config(cfg: ml_collections.ConfigDict, workdir: str) -> None:
@@ -160,20 +246,37 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str,
   plan, t, ck = trainer.run, cfg.train, cfg.checkpoint
   args = trainer.model.args
   counts = accounting.param_counts(args)
-  flops_token, peak = accounting.flops_per_token(args, plan.seq_len), accounting.peak_flops_of(jax.devices()[0])
+  flops_token = accounting.flops_per_token(args, plan.seq_len)
+  peak = _mesh_peak_flops(mesh)
+  fingerprint = data_fingerprint(cfg, tokenizer)
+  _check_same_on_all_hosts(fingerprint, "token stream",
+                           "Give every host the same data files and data.* settings (the token "
+                           "cache is built from them on each host).")
   rows = trainer.host_rows(plan.micro_batch)  # this host's rows of every micro-batch
   train_it = pipeline.make(cfg.data, tokenizer, "train", seq_len=plan.seq_len,
                            global_batch=plan.micro_batch, seed=cfg.seed, rows=rows.rows)
   eval_ds = pipeline.make_eval(cfg.data, tokenizer, seq_len=plan.seq_len,
-                               global_batch=plan.micro_batch, num_batches=t.eval_batches,
+                               global_batch=plan.micro_batch,
+                               num_batches=_validation_batches(cfg, plan, tokenizer),
                                rows=rows.rows)
   ckpt = checkpoint.Checkpointer(workdir, ck, config=cfg)
-  restored = ckpt.restore_latest(trainer.abstract_state)
+  restored = ckpt.restore_latest(trainer.abstract_state, init_opt_state=trainer.tx.init)
   if restored:
     state, meta = restored
+    if meta.get("data_fingerprint", fingerprint) != fingerprint:
+      raise ConfigError(
+          f"the checkpoint at step {meta['step']} in {workdir} was trained on another token stream:"
+          " the data its settings name has changed since (e.g. data.paths matches other files, or "
+          "they were edited), so its data position would skip or repeat data. Restore the data to "
+          f"resume, or start a new --workdir with --config.checkpoint.restore_from={workdir}.")
     train_it.set_state(checkpoint.resume_data_state(meta, cfg, plan))
     _log(f"resuming from the checkpoint at step {meta['step']} ({meta['tokens']:,} tokens seen)")
   else:
+    if ckpt.quarantined() and not ck.start_over:
+      raise ConfigError(
+          f"every checkpoint in {workdir} is unreadable (moved to corrupt_checkpoints/: "
+          f"{', '.join(ckpt.quarantined())}), so this run would start again from step 0. Set "
+          "--config.checkpoint.start_over=True to do that, or use a new --workdir.")
     state = trainer.init_state()
     if ck.restore_from:
       abstract = trainer.abstract_state.params
@@ -191,9 +294,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str,
   tokens_seen = plan.tokens_before(start)
   last_time, last_tokens, compile_s, skips, val_loss = time.perf_counter(), tokens_seen, None, 0, None
 
-  def save(step: int) -> None:
-    ckpt.save(step, state, {"step": step, "tokens": tokens_seen, "data": train_it.get_state()},
-              val_loss)
+  def save(step: int, measured_val_loss: float | None) -> None:
+    """`measured_val_loss`: validation at this very step, else None (keep_best never sees a stale
+    loss)."""
+    ckpt.save(step, state, {"step": step, "tokens": tokens_seen, "data": train_it.get_state(),
+                            "data_fingerprint": fingerprint}, measured_val_loss)
 
   bar = tqdm(range(start, plan.total_steps), initial=start, total=plan.total_steps, unit="step",
              disable=not (t.progress and jax.process_index() == 0), dynamic_ncols=True)
@@ -214,7 +319,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str,
         is_save = is_last or preempted or (ck.save_every and done % ck.save_every == 0)
         row = {}
         if t.eval_every and done % t.eval_every == 0 or is_last:
-          row["val_loss"] = val_loss = summary["val_loss"] = evaluate(trainer, state.params, eval_ds, rows)
+          val_loss = evaluate(trainer, state.params, eval_ds, rows)
+          row["val_loss"] = summary["val_loss"] = val_loss
           row.update(suite.metrics(state.params))  # eval/<task>/<metric>; {} without eval.tasks
         if done % t.log_every == 0 or is_last or row or is_save:
           fetched = jax.device_get(pending)
@@ -228,7 +334,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str,
                      lr=float(fetched[-1]["lr"]), grad_norm=float(fetched[-1]["grad_norm"]),
                      tokens=tokens_seen, tokens_per_s=tok_s,
                      step_time_s=plan.accum(step) * plan.micro_batch * plan.seq_len / max(tok_s, 1e-9),
-                     mfu=accounting.mfu(tok_s, flops_token, peak, jax.device_count()) if peak else None)
+                     mfu=accounting.mfu(tok_s, flops_token, peak) if peak else None)
           if "compile_s" not in summary:
             row["compile_s"] = summary["compile_s"] = compile_s
           writer.write(done, row)
@@ -236,7 +342,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str,
           bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tok_s:,.0f}",
                           **({"val": f"{val_loss:.3f}"} if val_loss is not None else {}))
         if is_save:
-          save(done)
+          save(done, row.get("val_loss"))
         if preempted and not is_last:
           summary["preempted"] = True
           bar.close()
@@ -256,6 +362,32 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str,
     _log(f"done. val loss {summary.get('val_loss', float('nan')):.4f}; outputs in {workdir} "
          "(config.json, checkpoints/, metrics.jsonl, tb/, tokenizer.model, samples.txt)")
   return summary
+
+
+def _mesh_peak_flops(mesh) -> float | None:
+  """The summed peak FLOP/s of the mesh's devices (None if any kind is unknown, e.g. CPUs)."""
+  peaks = [accounting.peak_flops_of(d) for d in mesh.devices.flat]
+  return None if any(p is None for p in peaks) else float(sum(peaks))
+
+
+def _validation_batches(cfg: ml_collections.ConfigDict, plan, tokenizer) -> int:
+  """Micro-batches per validation pass: `train.eval_batches` global batches, or fewer when the
+  val split holds fewer sequences (never repeated while the split has a micro-batch's worth)."""
+  asked = cfg.train.eval_batches * plan.max_accum
+  entry = cache.load_or_build(cfg.data, tokenizer)
+  available = entry.meta["splits"]["val"]["tokens"] // (plan.seq_len + 1)
+  if available >= asked * plan.micro_batch:
+    return asked
+  fit = available // plan.micro_batch
+  if fit:
+    _log(f"validation: the val split holds {available} sequences of {plan.seq_len + 1} tokens, "
+         f"fewer than train.eval_batches x train.global_batch = {asked * plan.micro_batch}; "
+         f"validating on {fit * plan.micro_batch} of them")
+    return fit
+  _log(f"WARNING: validation: the val split holds {available} sequences of {plan.seq_len + 1} "
+       f"tokens, less than one batch of {plan.micro_batch}; its sequences repeat within each "
+       "validation pass. Raise data.val_fraction for a larger one.")
+  return 1
 
 
 def _check_finite(fetched: list[dict[str, Any]], done: int, t: ml_collections.ConfigDict,

@@ -43,10 +43,12 @@ def _is_kernel(path) -> bool:
   return _names(path)[-1:] == ["kernel"]
 
 
-def _shape3(path, shape: tuple[int, ...], stacked: bool) -> tuple[int, int, int]:
+def _shape3(path, shape: tuple[int, ...]) -> tuple[int, int, int]:
   """(layers, inputs, outputs): a kernel is [layers?, *in_shape, *out_shape] (`attn/out` has 2
-  input axes, (heads, d_head); every other Linear one)."""
-  lead = 1 if stacked else 0
+  input axes, (heads, d_head); every other Linear one). The layer axis exists where nn.scan
+  stacked the blocks: under a `layers` key anywhere in the path (at the top in pre-training,
+  under `base` in fine-tuning)."""
+  lead = 1 if "layers" in _names(path) else 0
   n_in = 2 if _names(path)[-2:-1] == ["out"] else 1
   return (math.prod(shape[:lead]), math.prod(shape[lead:lead + n_in]),
           math.prod(shape[lead + n_in:]))
@@ -96,21 +98,17 @@ def transform(p: ml_collections.ConfigDict, total_steps: int) -> optax.GradientT
   schedule = sparsity_schedule(p, total_steps)
   begin, end = p.begin_step, _end_step(p, total_steps)
 
-  def stacked_of(params) -> bool:
-    return isinstance(params, dict) and "layers" in params  # nn.scan stacks the blocks
-
   def init(params):
-    stacked = stacked_of(params)
     boxed = lambda x: isinstance(x, nn.meta.AxisMetadata)
 
     def first_mask(path, x):
       if not _is_kernel(path):
         return None
       value = x.unbox() if boxed(x) else x
-      if p.method == "2:4" and _shape3(path, value.shape, stacked)[1] % _M:
+      if p.method == "2:4" and _shape3(path, value.shape)[1] % _M:
         raise ConfigError(
             f"config.compress.prune.method: '2:4' groups {_M} consecutive inputs, but "
-            f"{'/'.join(_names(path))} has {_shape3(path, value.shape, stacked)[1]} inputs. Use "
+            f"{'/'.join(_names(path))} has {_shape3(path, value.shape)[1]} inputs. Use "
             "'magnitude', or widths that are multiples of 4.")
       ones = jnp.ones(value.shape, bool)
       return x.replace_boxed(ones) if boxed(x) else ones  # masks shard like their kernels
@@ -121,14 +119,13 @@ def transform(p: ml_collections.ConfigDict, total_steps: int) -> optax.GradientT
   def update(updates, state, params=None):
     if params is None:
       raise ValueError("prune.transform needs the parameters: call update(updates, state, params)")
-    stacked = stacked_of(params)
     count = state.count
     k_fraction = schedule(count)
 
     def new_mask(path, w, old):
       if old is None:
         return None
-      shape = _shape3(path, w.shape, stacked)
+      shape = _shape3(path, w.shape)
 
       def compute(w):
         w3 = w.reshape(shape)
