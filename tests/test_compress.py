@@ -459,3 +459,20 @@ def test_the_compress_script_tabulates_every_method(tmp_path):
                     "--val_docs=8"], check=True)
     scored = json.load(open(serve / "eval" / "step_0.json", encoding="utf-8"))["tasks"]["val"]
     np.testing.assert_allclose(scored["bits_per_byte"], rows[name]["bits_per_byte"], rtol=1e-4)
+
+
+def test_2_4_pruning_groups_inputs_under_a_nested_layers_tree():
+  """Fine-tuning nests the GPT under `base`: groups of 4 still run along the inputs of each layer,
+  never along the stacked layer axis (numpy reference: the 2 largest |w| of each group of 4)."""
+  cfg = small_cfg()
+  cfg.compress.prune.update(method="2:4", begin_step=0)
+  tx = prune.transform(cfg.compress.prune, total_steps=4)
+  rng = np.random.default_rng(0)
+  w = rng.standard_normal((3, 8, 5)).astype(np.float32)  # [layers, inputs, outputs]
+  params = {"base": {"layers": {"block_0": {"mlp": {"fc": {"kernel": jnp.asarray(w)}}}}}}
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  pruned = np.asarray(optax.apply_updates(params, updates)["base"]["layers"]["block_0"]["mlp"]
+                      ["fc"]["kernel"])
+  groups = np.abs(w).reshape(3, 2, 4, 5)
+  keep = np.argsort(np.argsort(groups, axis=2), axis=2) >= 2
+  np.testing.assert_array_equal(pruned, np.where(keep.reshape(w.shape), w, 0.0))

@@ -527,3 +527,26 @@ def test_run_fine_tunes_a_hugging_face_base_with_sft(tmp_path):
   jax.tree.map(np.testing.assert_allclose, jax.device_get(restored.state.frozen["base"]),
                jax.tree.map(np.asarray, hf_params))
   print(f"HF base + LoRA SFT: {summary}")
+
+
+def test_gpt1_warmup_fraction_never_rounds_to_no_warmup():
+  # GPT-1: 0.2% of the run. int(0.002 * 300) was 0: no warmup at all below 500 steps.
+  assert [finetune.warmup_steps(0.002, n) for n in (10, 300, 499, 1000, 10_000)] == [1, 1, 1, 2, 20]
+  assert finetune.warmup_steps(0.0, 300) == 0
+
+
+@pytest.mark.parametrize("key, value", [
+    ("compress.qat.enabled", True), ("compress.distill.teacher", "runs/teacher"),
+    ("eval.tasks", "qa:tests/data/mc.jsonl:mc"), ("checkpoint.restore_from", "runs/x"),
+    ("train.sample_tokens", 32)])
+def test_finetuning_refuses_settings_it_does_not_implement(tmp_path, key, value):
+  cfg = configs.load("finetune_gpt1:classify")
+  section, name = key.rsplit(".", 1)
+  node = cfg
+  for part in section.split("."):
+    node = node[part]
+  node[name] = value
+  cfg.finetune.train_path = str(tmp_path / "train.jsonl")
+  with pytest.raises(ConfigError, match=f"config.{key}: fine-tuning does not do"):
+    finetune.run(cfg, str(tmp_path / "run"), devices=jax.devices()[:1])
+  assert not os.path.exists(tmp_path / "run")  # refused before anything was written

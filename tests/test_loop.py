@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import configs
-from gptjax import loop, metrics
+from gptjax import loop, metrics, optim
 from gptjax.data import cache, stats, tokenizer as tokenizer_lib
 
 WORDS = ("the cat sat on a mat and the dog ran to it while a bird sang in the tree above them "
@@ -63,3 +63,57 @@ def test_quickstart_learns_below_the_unigram_entropy(tmp_path):
   h = stats.unigram_entropy(np.asarray(entry.tokens("train")), tok.vocab_size)
   print(f"val loss {summary['val_loss']:.3f} nats/token vs unigram entropy {h:.3f}")
   assert summary["val_loss"] < h
+
+
+def test_validation_covers_eval_batches_global_batches_or_says_how_many(tmp_path, capsys):
+  import jax  # pylint: disable=import-outside-toplevel
+  cfg = corpus_cfg(tmp_path)
+  cfg.train.update(global_batch=8, micro_batch=4, eval_batches=2)
+  tok, _ = loop.prepare(cfg, str(tmp_path / "run"), devices=jax.devices()[:1])
+  plan = optim.plan(cfg)
+  entry = cache.load_or_build(cfg.data, tok)
+  available = len(entry.tokens("val")) // (plan.seq_len + 1)  # whole val sequences in the split
+  assert available >= 16, available
+  # 2 global batches of 8 = 4 micro-batches of 4: every asked-for sequence, none repeated.
+  assert loop._validation_batches(cfg, plan, tok) == 4
+  cfg.train.eval_batches = 100
+  assert loop._validation_batches(cfg, plan, tok) == available // 4
+  assert (f"the val split holds {available} sequences of 65 tokens, fewer than "
+          "train.eval_batches x train.global_batch = 800; validating on "
+          f"{available // 4 * 4} of them") in capsys.readouterr().out
+
+
+def test_a_tokenizer_vocabulary_unlike_the_config_is_said(tmp_path, capsys):
+  import jax  # pylint: disable=import-outside-toplevel
+  cfg = corpus_cfg(tmp_path)
+  cfg.model.vocab_size = 50257  # a GPT-2 preset's, with a trained SentencePiece tokenizer of 320
+  loop.prepare(cfg, str(tmp_path / "run"), devices=jax.devices()[:1])
+  out = capsys.readouterr().out
+  assert "model.vocab_size: the config says 50,257" in out and "has 320 tokens" in out
+  assert cfg.model.vocab_size == 320
+
+
+def test_hosts_with_different_token_streams_are_refused(monkeypatch):
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(loop.jax, "process_count", lambda: 2)
+  # Another host's fingerprint differs from this one's.
+  monkeypatch.setattr(multihost_utils, "process_allgather",
+                      lambda x: np.stack([x, x + 1]))
+  with pytest.raises(loop.ConfigError, match="different token streams"):
+    loop._check_same_on_all_hosts("ab" * 32, "token stream", "Give every host the same data.")
+  monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: np.stack([x, x]))
+  loop._check_same_on_all_hosts("ab" * 32, "token stream", "")
+
+
+def test_mfu_counts_the_mesh_devices_and_their_own_peak(monkeypatch):
+  import jax  # pylint: disable=import-outside-toplevel
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from gptjax import accounting, sharding  # pylint: disable=import-outside-toplevel
+  peaks = {d.id: 1e12 * (1 + i) for i, d in enumerate(jax.devices())}
+  monkeypatch.setattr(accounting, "peak_flops_of", lambda d: peaks[d.id])
+  devices = jax.devices()[2:6]  # 4 of the 8 devices, not the first
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(
+      {"data": 4, "fsdp": 1, "tensor": 1, "order": "data,fsdp,tensor"}), devices)
+  assert loop._mesh_peak_flops(mesh) == sum(peaks[d.id] for d in devices)  # 3 + 4 + 5 + 6 TFLOP/s
+  monkeypatch.setattr(accounting, "peak_flops_of", lambda d: None)
+  assert loop._mesh_peak_flops(mesh) is None
