@@ -74,7 +74,8 @@ def test_readers_on_a_missing_workdir(tmp_path, script):
 def test_convert_refuses_a_used_out_folder_with_status_2(tmp_path):
   (tmp_path / "out").mkdir()
   (tmp_path / "out" / "file").write_text("x")
-  proc = _run(["scripts/convert.py", "from_hf", f"--hf_dir={tmp_path}", f"--out={tmp_path / 'out'}"])
+  proc = _run(["scripts/convert.py", "from_hf", f"--hf_dir={tmp_path}",
+               f"--out={tmp_path / 'out'}"])
   _assert_clean_error(proc, "--out=", "not an empty folder")
 
 
