@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from gptjax import accounting, config as config_lib, optim, sharding
+from gptjax import accounting, config as config_lib, optim, plan, sharding
+from gptjax.data import pipeline
 from gptjax.model import ModelArgs
-from gptjax.train import Trainer
 
 Step = Callable[[], None]  # runs one complete step and waits for it
 MATMUL_SHAPE = (2048, 384, 50304)  # (M, K, N): the fixed CPU config's output projection
@@ -35,24 +35,29 @@ def bench_devices(cfg: ml_collections.ConfigDict) -> list:
 
 
 def random_batch(cfg: ml_collections.ConfigDict, seed: int = 0) -> dict[str, np.ndarray]:
-  """A [accum, micro_batch, seq_len] batch of random token ids (inputs and shifted targets): the
+  """A [accum, micro_batch, seq_len] batch of random token ids with the arrays the loop feeds
+  (inputs, shifted targets, and segment_ids under data.document_mask, id 0 ending documents): the
   full global batch in the run plan's micro-batches (the steps after any batch ramp)."""
   run = optim.plan(cfg)
   rng = np.random.default_rng(seed)
-  tokens = rng.integers(0, cfg.model.vocab_size, (run.max_accum, run.micro_batch, run.seq_len + 1),
-                        dtype=np.int32)
-  return {"inputs": tokens[..., :-1], "targets": tokens[..., 1:]}
+  windows = rng.integers(0, cfg.model.vocab_size,
+                         (run.max_accum * run.micro_batch, run.seq_len + 1), dtype=np.int32)
+  batch = pipeline.to_example(windows, eos_id=0, segment_ids=cfg.data.document_mask)
+  return {k: v.reshape(run.max_accum, run.micro_batch, run.seq_len) for k, v in batch.items()}
 
 
 def make_train_step(cfg: ml_collections.ConfigDict, devices=None) -> tuple[Step, dict]:
-  """Builds the sharded train step on a random batch; returns (step, info).
+  """Builds the sharded train step training runs (`plan.build_trainer`: distillation and QAT
+  included; a teacher keeps its random init, which costs the same) on a random batch; returns
+  (step, info).
 
-  The first call of `step` compiles. `info` holds the mesh shape and tokens per step.
+  The first call of `step` compiles. `info` holds the mesh shape, tokens per step, the last loss
+  and the trainer.
   """
   devices = bench_devices(cfg) if devices is None else devices
   config_lib.validate(cfg, n_devices=len(devices))
   mesh = sharding.make_mesh(cfg.mesh, devices)
-  trainer = Trainer.build(cfg, mesh)
+  trainer = plan.build_trainer(cfg, mesh)
   state = [trainer.init_state()]
   batch = jax.device_put(random_batch(cfg, cfg.seed), trainer.batch_sharding())
   metrics = {}
@@ -62,7 +67,7 @@ def make_train_step(cfg: ml_collections.ConfigDict, devices=None) -> tuple[Step,
     jax.block_until_ready((state[0], metrics["last"]))
 
   info = {"mesh": dict(mesh.shape), "tokens_per_step": int(batch["inputs"].size),
-          "loss": lambda: float(metrics["last"]["loss"])}
+          "loss": lambda: float(metrics["last"]["loss"]), "trainer": trainer}
   return step, info
 
 

@@ -3,9 +3,11 @@
     report = plan.make(cfg, n_devices=256, device_kind="h100", mfu=0.4)
     print(plan.format_report(report))
 
-`make` compiles the *real* train step (`Trainer.build`, the same `jax.jit` with the same shardings
-the loop runs) for abstract arrays (`jax.ShapeDtypeStruct`) on a mesh of `n_devices` devices, so no
-parameter is ever allocated, and reads the compiler's memory figures per device. On a laptop those
+`make` compiles the *real* train step (`Trainer.build` with the loop's objective: the same
+`jax.jit`, loss, shardings and state, a distillation teacher's frozen parameters and QAT included)
+for abstract arrays (`jax.ShapeDtypeStruct`, with `segment_ids` under `data.document_mask`) on a
+mesh of `n_devices` devices, so no parameter is ever allocated, and reads the compiler's memory
+figures per device. On a laptop those
 devices are fake CPU devices: start the process with
 `XLA_FLAGS=--xla_force_host_platform_device_count=N` (scripts/plan.py does).
 
@@ -71,6 +73,7 @@ class Report:
   train_tokens: int
   days: float | None
   suggestion: str | None
+  teacher_params: int = 0  # a distillation teacher's, frozen in the state (0 = none)
 
 
 def device_memory(device_kind: str) -> float | None:
@@ -89,14 +92,51 @@ def _peak(device_kind: str) -> float | None:
   return None
 
 
+def build_trainer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Trainer:
+  """The trainer `gptjax.loop.run` builds for `cfg`: its loss and init (`loop.objective`), so a
+  distillation teacher's parameters are in `TrainState.frozen` and QAT steps are QAT steps.
+
+  No tokenizer is needed: the teacher's size is read from its config.json (the tokenizers are
+  compared when the run starts).
+  """
+  from gptjax import loop  # pylint: disable=import-outside-toplevel  (the data pipeline: slow)
+  return Trainer.build(cfg, mesh, **loop.objective(cfg, None))
+
+
+def batch_keys(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The arrays of a training batch (`gptjax.data.pipeline`): `segment_ids` too under
+  `data.document_mask`."""
+  return ("inputs", "targets") + (("segment_ids",) if cfg.data.document_mask else ())
+
+
+def abstract_batch(cfg: ml_collections.ConfigDict,
+                   trainer: Trainer) -> dict[str, jax.ShapeDtypeStruct]:
+  """A full-size step's batch as the loop feeds it: int32 [accum, micro_batch, seq_len] arrays."""
+  run = trainer.run
+  spec = jax.ShapeDtypeStruct((run.max_accum, run.micro_batch, run.seq_len), jnp.int32,
+                              sharding=trainer.batch_sharding(leading=1))
+  return {k: spec for k in batch_keys(cfg)}
+
+
+def teacher_params(cfg: ml_collections.ConfigDict) -> int:
+  """Parameters of the distillation teacher (`compress.distill.teacher`; 0 without one)."""
+  if not cfg.compress.distill.teacher:
+    return 0
+  from gptjax import distill  # pylint: disable=import-outside-toplevel
+  return accounting.param_counts(distill.teacher_model(cfg).args).total
+
+
 def estimate(cfg: ml_collections.ConfigDict, n_devices: int) -> accounting.MemoryEstimate:
-  """The accounting module's training memory per device for this config on `n_devices`."""
+  """The accounting module's training memory per device for this config on `n_devices`; `params`
+  includes a distillation teacher's (float32, sharded as the student's, no grads or moments)."""
   sizes = config_lib.mesh_shape(cfg.mesh, n_devices)
   args = ModelArgs.from_config(cfg.model)
   micro = optim.micro_batch(cfg)  # resolved: under a batch ramp 0 is the ramp's start
   per_device = max(micro // (sizes["data"] * sizes["fsdp"]), 1)
-  return accounting.memory_per_device(args, cfg.train.seq_len or args.ctx, per_device,
-                                      fsdp=sizes["fsdp"], tensor=sizes["tensor"])
+  est = accounting.memory_per_device(args, cfg.train.seq_len or args.ctx, per_device,
+                                     fsdp=sizes["fsdp"], tensor=sizes["tensor"])
+  frozen = 4.0 * teacher_params(cfg) / (sizes["fsdp"] * sizes["tensor"])
+  return dataclasses.replace(est, params=est.params + frozen)
 
 
 def compiled_memory(cfg: ml_collections.ConfigDict, devices) -> tuple[dict[str, float], float]:
@@ -106,19 +146,21 @@ def compiled_memory(cfg: ml_collections.ConfigDict, devices) -> tuple[dict[str, 
   written over donated arguments), `temp` (everything else alive during the step: activations,
   gradients, collectives' buffers) and `peak` = arguments + outputs - aliased + temp.
   """
-  mesh = sharding.make_mesh(cfg.mesh, devices)
-  trainer = Trainer.build(cfg, mesh)
-  run = trainer.run
-  batch = jax.ShapeDtypeStruct((run.max_accum, run.micro_batch, run.seq_len), jnp.int32,
-                               sharding=trainer.batch_sharding(leading=1))
+  lowered = lower_step(cfg, devices)
   start = time.perf_counter()
-  compiled = trainer.lower_step({"inputs": batch, "targets": batch}).compile()
+  compiled = lowered.compile()
   seconds = time.perf_counter() - start
   m = compiled.memory_analysis()
   out = {"arguments": float(m.argument_size_in_bytes), "outputs": float(m.output_size_in_bytes),
          "aliased": float(m.alias_size_in_bytes), "temp": float(m.temp_size_in_bytes)}
   out["peak"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temp"]
   return out, seconds
+
+
+def lower_step(cfg: ml_collections.ConfigDict, devices) -> jax.stages.Lowered:
+  """The training step of `cfg` on a mesh of `devices`, lowered for its abstract state and batch."""
+  trainer = build_trainer(cfg, sharding.make_mesh(cfg.mesh, devices))
+  return trainer.lower_step(abstract_batch(cfg, trainer))
 
 
 def suggest(cfg: ml_collections.ConfigDict, n_devices: int, memory: float) -> str | None:
@@ -133,6 +175,7 @@ def suggest(cfg: ml_collections.ConfigDict, n_devices: int, memory: float) -> st
   args = ModelArgs.from_config(cfg.model)
   big = accounting.param_counts(args).total >= TENSOR_PARALLEL_FROM
   seq_len = cfg.train.seq_len or args.ctx
+  frozen = 4.0 * teacher_params(cfg)  # a distillation teacher, float32, sharded as the student
   # A batch ramp grows the batch in micro-batches, so it needs more than one per step.
   o = cfg.optim
   ramp = o.batch_ramp_tokens > 0 and cfg.train.global_batch * seq_len > o.batch_ramp_start
@@ -149,7 +192,7 @@ def suggest(cfg: ml_collections.ConfigDict, n_devices: int, memory: float) -> st
       for k in per_device:
         est = accounting.memory_per_device(dataclasses.replace(args, remat=remat), seq_len, k,
                                            fsdp=fsdp, tensor=tensor)
-        if est.total <= USABLE_FRACTION * memory:
+        if est.total + frozen / (fsdp * tensor) <= USABLE_FRACTION * memory:
           return (f"--config.mesh.data=1 --config.mesh.fsdp={fsdp} --config.mesh.tensor={tensor} "
                   f"--config.model.remat={remat} --config.train.micro_batch={k * fsdp}")
   return None
@@ -211,7 +254,8 @@ def make(cfg: ml_collections.ConfigDict, n_devices: int, device_kind: str = "h10
       flops_per_step=flops_token * tokens_step,
       estimate={**dataclasses.asdict(est), "total": est.total}, compiled=compiled,
       compile_s=compile_s, device_memory=memory, fits=fits, mfu=mfu, step_s=step_s,
-      train_tokens=int(train_tokens), days=days, suggestion=suggestion)
+      train_tokens=int(train_tokens), days=days, suggestion=suggestion,
+      teacher_params=teacher_params(cfg))
 
 
 def _current_flags(cfg: ml_collections.ConfigDict) -> set[str]:
@@ -229,7 +273,9 @@ def format_report(r: Report) -> str:
   mesh = " x ".join(f"{a} {s}" for a, s in r.mesh.items())
   lines = [
       f"{r.name}: {r.params:,} params on {r.n_devices} x {r.device_kind} (mesh {mesh}), "
-      f"{r.dtype}, remat {r.remat}",
+      f"{r.dtype}, remat {r.remat}" + (f"; distilled from a frozen {r.teacher_params:,}-param "
+                                        "teacher (its shards are in params below)"
+                                        if r.teacher_params else ""),
       f"  FLOPs per token        {r.flops_per_token / 1e9:,.2f} GFLOP",
       f"  tokens per step        {r.tokens_per_step:,} ({r.accum} x {r.micro_batch} x {r.seq_len})",
       f"  FLOPs per step         {r.flops_per_step / 1e15:,.2f} PFLOP",

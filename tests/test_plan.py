@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import configs
-from gptjax import accounting, plan, sharding
+from gptjax import accounting, bench, plan, sharding
 from gptjax.config import ConfigError
 from gptjax.model import ModelArgs
 from gptjax.train import Trainer
@@ -52,6 +52,73 @@ def test_compiled_arguments_are_the_state_and_batch_shards(mesh):
   assert report.compiled["peak"] >= report.compiled["arguments"]
   assert report.fits and report.compile_s > 0
   assert report.accum == 2 and report.tokens_per_step == 16 * 64
+
+
+def closed_form(layers, d, vocab, ctx):
+  """GPT-2 parameters: per block 12 d^2 + 13 d, token and position embeddings, the final LN."""
+  return layers * (12 * d * d + 13 * d) + (vocab + ctx) * d + 2 * d
+
+
+@pytest.fixture
+def teacher_dir(tmp_path):
+  """A teacher run's folder as far as planning reads it (config.json): 3 x 128, same vocabulary."""
+  t = small_cfg()
+  with t.unlocked():
+    t.model.update(n_layers=3, d_model=128, n_heads=4)
+  (tmp_path / "config.json").write_text(t.to_json_best_effort())
+  return str(tmp_path)
+
+
+def test_a_distillation_plan_holds_the_teacher(teacher_dir):
+  """The planned step is the one training runs: the teacher's parameters are in the state."""
+  plain, kd = small_cfg(fsdp=8), small_cfg(fsdp=8)
+  kd.compress.distill.teacher = teacher_dir
+  without, with_teacher = plan.make(plain, 8, "h100"), plan.make(kd, 8, "h100")
+  n = closed_form(3, 128, 512, 64)  # 668,800
+  assert with_teacher.teacher_params == n and without.teacher_params == 0
+  # float32, FSDP-sharded over 8 devices, except the qkv and MLP biases: they lie on the heads and
+  # mlp axes, which only tensor parallelism shards, so every device holds them whole.
+  biases = 3 * (3 * 128 + 4 * 128)
+  teacher_bytes = 4 * (n - biases) / 8 + 4 * biases  # 343,808 (4 n / 8 = 334,400)
+  assert with_teacher.compiled["arguments"] - without.compiled["arguments"] == teacher_bytes
+  # The teacher rides in the donated state: its output buffer is its input buffer.
+  assert with_teacher.compiled["aliased"] - without.compiled["aliased"] == teacher_bytes
+  assert with_teacher.estimate["params"] - without.estimate["params"] == 4 * n / 8
+  assert "frozen 668,800-param teacher" in plan.format_report(with_teacher)
+
+
+def test_a_qat_plan_lowers_the_qat_step():
+  plain, qat = small_cfg(fsdp=8), small_cfg(fsdp=8)
+  qat.compress.qat.enabled = True
+  text = {name: plan.lower_step(c, jax.devices()[:8]).as_text()
+          for name, c in (("plain", plain), ("qat", qat))}
+  # Fake quantization rounds each Linear's weights to the int8 grid; the plain step rounds nothing.
+  assert text["qat"].count("round_nearest_even") > 0 == text["plain"].count("round_nearest_even")
+
+
+def test_document_mask_adds_segment_ids_to_the_planned_batch():
+  plain, masked = small_cfg(fsdp=8), small_cfg(fsdp=8)
+  masked.data.document_mask = True
+  lowered = plan.lower_step(masked, jax.devices()[:8])
+  state_info, batch_info = lowered.args_info[0]
+  assert sorted(batch_info) == ["inputs", "segment_ids", "targets"]
+  assert batch_info["segment_ids"].shape == (2, 8, 64)  # [accum, micro_batch, seq_len]
+  grown = (plan.make(masked, 8, "h100").compiled["arguments"]
+           - plan.make(plain, 8, "h100").compiled["arguments"])
+  assert grown == 2 * 1 * 64 * 4  # one row of 64 int32 per device and micro-batch
+
+
+def test_the_benchmark_times_the_training_step(teacher_dir):
+  cfg = small_cfg(fsdp=8)
+  cfg.data.document_mask = True
+  cfg.compress.distill.teacher = teacher_dir
+  batch = bench.random_batch(cfg)
+  assert sorted(batch) == ["inputs", "segment_ids", "targets"] and batch["inputs"].shape == (2, 8, 64)
+  step, info = bench.make_train_step(cfg, jax.devices()[:8])
+  frozen = info["trainer"].abstract_state.frozen
+  assert sum(x.size for x in jax.tree.leaves(frozen)) == closed_form(3, 128, 512, 64)
+  step()
+  assert np.isfinite(info["loss"]())
 
 
 def test_step_time_and_days_follow_the_flops():
