@@ -47,6 +47,10 @@ def checkpoints_dir(path: str) -> str:
   return sub if os.path.isdir(sub) else directory
 
 
+def _val_loss(metrics: dict[str, float]) -> float:
+  return metrics["val_loss"]
+
+
 def config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return json.loads(config.to_json_best_effort())
 
@@ -61,14 +65,18 @@ class Checkpointer:
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     self.config = config_json(config) if config is not None else None
     policies = [keep_lib.LatestN(ck.keep)]
+    best = {}
     if ck.keep_best:
-      policies.append(keep_lib.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True,
+      policies.append(keep_lib.BestN(get_metric_fn=_val_loss, reverse=True,
                                      n=ck.keep_best, keep_checkpoints_without_metrics=False))
+      # best_fn makes Orbax write each step's metrics to disk and read them back on resume;
+      # without it BestN ranks only the checkpoints saved since the process started.
+      best = {"best_fn": _val_loss, "best_mode": "min"}
     self.manager = ocp.CheckpointManager(
         self.directory, item_handlers=_handlers(),
         options=ocp.CheckpointManagerOptions(
             enable_async_checkpointing=ck.async_save, cleanup_tmp_directories=True,
-            preservation_policy=keep_lib.AnyPreservationPolicy(policies)))
+            preservation_policy=keep_lib.AnyPreservationPolicy(policies), **best))
 
   def save(self, step: int, state, meta: dict[str, Any], val_loss: float | None = None) -> None:
     """Starts saving `state` at `step` (returns before the write finishes when async)."""

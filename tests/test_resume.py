@@ -216,3 +216,28 @@ def test_restore_from_a_run_with_another_tokenizer_is_refused(runs, tmp_path):
   cfg.checkpoint.restore_from = str(stopped)
   with pytest.raises(ConfigError, match="restore_from: .* was trained with another tokenizer"):
     loop.run(cfg, str(tmp_path / "new"), devices=ONE)
+
+
+def test_keep_best_sees_only_losses_measured_at_the_saved_step(runs, tmp_path):
+  tmp, _, _ = runs
+  cfg = cfg_of(tmp)
+  cfg.train.update(steps=10, eval_every=4, eval_batches=1)
+  cfg.checkpoint.update(save_every=2, keep=10, keep_best=1)
+  workdir = tmp_path / "best"
+  loop.run(cfg, str(workdir), devices=ONE)
+  val = {r["step"]: r["val_loss"] for r in metrics.read(str(workdir)) if "val_loss" in r}
+  assert sorted(val) == [4, 8, 10]
+  tagged = {}
+  for step in checkpoint.Reader(str(workdir)).steps():  # the metrics Orbax wrote with each step
+    path = workdir / "checkpoints" / str(step) / "metrics" / "metrics"
+    tagged[step] = json.loads(path.read_text())["val_loss"] if path.exists() else None
+  assert tagged == {2: None, 4: val[4], 6: None, 8: val[8], 10: val[10]}
+
+  # On resume the ranking includes the steps saved before: the best so far survives later saves.
+  cfg.train.steps = 14
+  cfg.checkpoint.keep = 1
+  cfg.optim.update(peak_lr=0.5, schedule="constant")  # make the next validations worse
+  loop.run(cfg, str(workdir), devices=ONE)
+  after = {r["step"]: r["val_loss"] for r in metrics.read(str(workdir)) if "val_loss" in r}
+  assert min(after, key=after.get) == 10, after
+  assert checkpoint.Reader(str(workdir)).steps() == [10, 14]  # the best, and the latest
