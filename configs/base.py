@@ -64,7 +64,8 @@ def get_config() -> ml_collections.ConfigDict:
   t = c.train = ml_collections.ConfigDict()
   t.seq_len = 0  # tokens per training sequence; 0 = model.ctx
   t.global_batch = 512  # sequences per optimizer step, over all devices and micro-batches
-  t.micro_batch = 0  # sequences per forward/backward over all devices; 0 = global_batch
+  t.micro_batch = 0  # sequences per forward/backward over all devices; 0 = global_batch (or, with
+  #                    optim.batch_ramp_tokens, the ramp's start: optim.micro_batch resolves it)
   t.steps = 1000  # optimizer steps in the run (if tokens > 0, tokens decides instead)
   t.tokens = 0  # tokens in the run (0 = use steps)
   t.log_every = 10  # steps between metric fetches from the device (no host sync in between)

@@ -30,7 +30,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as keep_lib
 
-from gptjax import layout, optstate
+from gptjax import layout, optim, optstate
 from gptjax.config import ConfigError
 
 
@@ -482,7 +482,9 @@ def resume_data_state(meta: dict[str, Any], cfg: ml_collections.ConfigDict, plan
     return state
   t, step = saved["train"], meta["step"]
   old_seq, old_batch = t["seq_len"] or saved["model"]["ctx"], t["global_batch"]
-  old_micro = t["micro_batch"] or old_batch
+  # The micro-batch the data position counts in: recorded since it can be resolved from 0 (a batch
+  # ramp starts below the global batch), else resolved from the saved config the same way.
+  old_micro = meta.get("micro_batch") or optim.micro_batch(ml_collections.ConfigDict(saved))
   new_batch = cfg.train.global_batch
   if (old_seq, old_batch) != (plan.seq_len, new_batch):
     raise ConfigError(

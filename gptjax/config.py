@@ -174,10 +174,12 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> No
   _check(0 < seq_len <= m.ctx, "train.seq_len", f"{seq_len} exceeds the model context {m.ctx}",
          "Use train.seq_len <= model.ctx (or raise model.ctx).")
   _check(t.global_batch >= 1, "train.global_batch", "must be >= 1", "Set sequences per step.")
-  micro = t.micro_batch or t.global_batch
+  from gptjax import optim  # pylint: disable=import-outside-toplevel  (it imports this module)
+  micro = optim.micro_batch(cfg)  # 0 resolves to the global batch, or to a batch ramp's start
   _check(t.global_batch % micro == 0, "train.micro_batch",
          f"{micro} does not divide global_batch={t.global_batch}",
-         "Choose a micro-batch that divides the global batch (0 = no accumulation).")
+         "Choose a micro-batch that divides the global batch (0 = the global batch, or the "
+         "start of optim.batch_ramp_tokens' ramp).")
   _check(t.steps >= 1 or t.tokens >= 1, "train.steps", "the run has no length",
          "Set train.steps or train.tokens.")
   _check(t.log_every >= 1, "train.log_every", "must be >= 1", "Fetch metrics every N >= 1 steps.")

@@ -298,7 +298,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str,
     """`measured_val_loss`: validation at this very step, else None (keep_best never sees a stale
     loss)."""
     ckpt.save(step, state, {"step": step, "tokens": tokens_seen, "data": train_it.get_state(),
-                            "data_fingerprint": fingerprint}, measured_val_loss)
+                            "micro_batch": plan.micro_batch, "data_fingerprint": fingerprint},
+              measured_val_loss)
 
   bar = tqdm(range(start, plan.total_steps), initial=start, total=plan.total_steps, unit="step",
              disable=not (t.progress and jax.process_index() == 0), dynamic_ncols=True)

@@ -244,3 +244,21 @@ def test_restore_from_starts_from_another_runs_weights_with_a_fresh_optimizer(fi
   assert summary["steps"] == 2  # a new run (steps 0 -> 2), not a resume of the source's step 3
   with pytest.raises(ConfigError, match="holds no checkpoint"):
     checkpoint.restore_params(str(tmp_path), trainer.abstract_state.params)
+
+
+def test_resume_data_position_counts_in_the_resolved_micro_batch():
+  """With a batch ramp, train.micro_batch=0 resolves to the ramp's start, not the global batch:
+  the saved position (in micro-batches) must come back unchanged, not 16 times further."""
+  from gptjax import optim  # pylint: disable=import-outside-toplevel
+  import configs  # pylint: disable=import-outside-toplevel
+  cfg = configs.load("gpt3:small")
+  cfg.train.micro_batch = 0
+  plan = optim.plan(cfg)
+  assert plan.micro_batch == 16 and cfg.train.global_batch == 256
+  saved = checkpoint.config_json(cfg)
+  step = 5000
+  meta = {"step": step, "tokens": plan.tokens_before(step), "data": {"next_index": 100},
+          "config": saved}
+  assert checkpoint.resume_data_state(meta, cfg, plan) == {"next_index": 100}
+  meta["micro_batch"] = 16  # as recorded by the loop since
+  assert checkpoint.resume_data_state(meta, cfg, plan) == {"next_index": 100}
