@@ -6,13 +6,14 @@
 
 Task specs and file schemas: gptjax/evaluate.py. Results go to <workdir>/eval/step_<N>.json.
 --workdir may also be a quantized serving checkpoint from scripts/compress.py (<out>/serve/int8).
+Multi-process as scripts/train.py: --coordinator_address/--num_processes/--process_id.
 """
 
 import contextlib
 
 from absl import app, flags, logging
 
-from gptjax import checkpoint, cli, evaluate
+from gptjax import checkpoint, cli, distributed, evaluate
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by scripts/train.py.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
@@ -24,6 +25,7 @@ _SHOTS = flags.DEFINE_integer("shots", 0, "Few-shot demonstrations before each e
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the few-shot draw.")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Sequences per scoring batch (0 = the run's "
                               "micro-batch).")
+distributed.define_flags()
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -31,6 +33,7 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:  # Orbax warns about read-only restores: expected here
     logging.set_verbosity(logging.ERROR)
+  distributed.initialize_from_flags()
   if _SHOTS.value < 0 or _SEED.value < 0:
     raise app.UsageError("--shots and --seed must be >= 0")
   tasks = evaluate.load_tasks(_TASKS.value, "--tasks", _SHOTS.value)  # every file checked first
