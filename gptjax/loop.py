@@ -77,11 +77,19 @@ def _check_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> None:
   saved = os.path.join(workdir, "config.json")
   has_checkpoints = os.path.isdir(os.path.join(workdir, "checkpoints")) and any(
       name.isdigit() for name in os.listdir(os.path.join(workdir, "checkpoints")))
-  if os.path.exists(saved) and has_checkpoints:
+  if os.path.exists(saved):
     with open(saved, encoding="utf-8") as f:
       old = json.load(f)
     changes = changed_settings(old, json.loads(cfg.to_json_best_effort()))
     changes.pop("model.vocab_size", None)  # set from the run's own tokenizer below
+    tokenizer = {k: v for k, v in changes.items() if k.startswith("data.tokenizer.")}
+    if tokenizer and any(os.path.exists(os.path.join(workdir, name)) for name in (
+        tokenizer_lib.WORKDIR_SPM, tokenizer_lib.WORKDIR_GPT2)):
+      raise ConfigError(
+          f"workdir {workdir!r} holds the tokenizer of a run with other tokenizer settings "
+          f"({_describe(tokenizer)}); it would be used instead of the one asked for. Put the "
+          "settings back, or use a new --workdir.")
+  if os.path.exists(saved) and has_checkpoints:
     model = {k: v for k, v in changes.items()
              if k.startswith("model.") and k[len("model."):] not in _SAME_PARAMS}
     if model:

@@ -117,3 +117,16 @@ def test_mfu_counts_the_mesh_devices_and_their_own_peak(monkeypatch):
   assert loop._mesh_peak_flops(mesh) == sum(peaks[d.id] for d in devices)  # 3 + 4 + 5 + 6 TFLOP/s
   monkeypatch.setattr(accounting, "peak_flops_of", lambda d: None)
   assert loop._mesh_peak_flops(mesh) is None
+
+
+def test_a_workdir_tokenizer_never_silently_replaces_the_one_asked_for(tmp_path):
+  import jax  # pylint: disable=import-outside-toplevel
+  cfg = corpus_cfg(tmp_path)
+  workdir = str(tmp_path / "run")
+  loop.prepare(cfg, workdir, devices=jax.devices()[:1])  # trains and saves a 320-token tokenizer
+  loop.write_config(cfg, workdir)
+  cfg = corpus_cfg(tmp_path)
+  cfg.data.tokenizer.vocab_size = 300
+  with pytest.raises(loop.ConfigError, match=r"other tokenizer settings \(data\.tokenizer\."
+                     r"vocab_size 320 -> 300\)"):
+    loop.prepare(cfg, workdir, devices=jax.devices()[:1])
