@@ -12,7 +12,8 @@ import pytest
 import torch  # the `hf` extra; `make test` installs it
 import transformers
 
-from gptjax import hf  # pylint: disable=wrong-import-position
+from gptjax import hf, layout  # pylint: disable=wrong-import-position
+from gptjax.loss import cross_entropy  # pylint: disable=wrong-import-position
 from gptjax.model import GPT, ModelArgs  # pylint: disable=wrong-import-position
 
 B, L = 2, 40
@@ -20,9 +21,9 @@ B, L = 2, 40
 
 def hf_model(seed: int = 0, **overrides) -> "transformers.GPT2LMHeadModel":
   """A random GPT-2 in eval mode with every 1-D weight (LayerNorms, biases) perturbed too."""
-  config = transformers.GPT2Config(
+  config = transformers.GPT2Config(**(dict(
       n_layer=3, n_embd=96, n_head=3, vocab_size=1000, n_positions=64, attn_pdrop=0.0,
-      resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=None, eos_token_id=None, **overrides)
+      resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=None, eos_token_id=None) | overrides))
   torch.manual_seed(seed)
   model = transformers.GPT2LMHeadModel(config).to(torch.float32).eval()
   with torch.no_grad():
@@ -181,3 +182,114 @@ def test_missing_extra_says_how_to_install(monkeypatch):
   monkeypatch.setitem(sys.modules, "transformers", None)
   with pytest.raises(ImportError, match=r"pip install 'gptjax\[hf\]'"):
     hf.hf_config_from_args(ModelArgs())
+
+
+# ---- gradients against torch autograd ----------------------------------------------------------
+GRAD_L = 130  # > 2 blocks of 64 queries: the blocked attention path, with a ragged last block
+GRAD_VOCAB = 250
+
+
+def grad_problem(seed: int = 0):
+  """A small HF GPT-2 with peaked attention (c_attn weights of std ~0.1, scores of order 1; HF's
+  0.02 init leaves attention nearly uniform and its softmax gradient small), and tokens."""
+  model = hf_model(seed, n_layer=2, n_embd=32, n_head=2, vocab_size=GRAD_VOCAB,
+                   n_positions=GRAD_L + 8, attn_implementation="eager")
+  with torch.no_grad():
+    for block in model.transformer.h:
+      block.attn.c_attn.weight.mul_(5.0)
+  t = np.random.default_rng(seed).integers(0, GRAD_VOCAB, (B, GRAD_L), dtype=np.int64)
+  return model, t
+
+
+def torch_grads(model, tokens_BxL: np.ndarray) -> dict[str, "torch.Tensor"]:
+  """Gradients of the mean next-token cross-entropy, by torch autograd through transformers."""
+  model.zero_grad()
+  t = torch.from_numpy(tokens_BxL)
+  logits = model(t).logits
+  torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                    t[:, 1:].reshape(-1)).backward()
+  return {name: p.grad for name, p in model.named_parameters()}
+
+
+def gptjax_grads(args: ModelArgs, params, tokens_BxL: np.ndarray):
+  """The same loss's gradients through gptjax's model and loss, jitted."""
+  t = jax.numpy.asarray(tokens_BxL, jax.numpy.int32)
+
+  def loss(p):
+    return cross_entropy(GPT(args).apply({"params": p}, t)[:, :-1], t[:, 1:])[0]
+
+  return jax.jit(jax.grad(loss))(params)
+
+
+def max_scaled_errors(got, want) -> dict[str, float]:
+  """max |got - want| / max |want| for each leaf, by its path."""
+  flat_got = dict(jax.tree_util.tree_flatten_with_path(got)[0])
+  return {jax.tree_util.keystr(path): float(np.abs(np.asarray(flat_got[path]) - w).max()
+                                            / np.abs(w).max())
+          for path, w in jax.tree_util.tree_flatten_with_path(jax.tree.map(np.asarray, want))[0]}
+
+
+# Float32 on CPU, torch and XLA summing in different orders. Measured max |ours - torch| / max|torch|
+# over the leaves: 7.0e-7 dense and padded (mlp/fc/kernel), 8.5e-7 banded (block_0/ln_2/bias).
+# A sign flipped in the custom softmax VJP (gptjax/model.py `_softmax_bwd`) gives 1.69 dense and
+# padded (attn/qkv/kernel) and 0.39 banded: the tolerance is 6x the first and far below the second.
+GRAD_TOL = 5e-6
+
+
+@pytest.mark.parametrize("pad_vocab_to", [1, 128], ids=["dense", "padded_vocab"])
+def test_gradients_match_torch_autograd_through_transformers(pad_vocab_to):
+  model, t = grad_problem()
+  args, params = hf.load_hf_model(model, pad_vocab_to=pad_vocab_to)
+  ours = gptjax_grads(args, params, t)
+  # HF's gradients in gptjax's layout (reshapes; padded vocabulary rows are zeros).
+  want = hf.params_from_hf(torch_grads(model, t), args)
+  errors = max_scaled_errors(ours, want)
+  assert len(errors) == 16 and max(errors.values()) < GRAD_TOL, errors
+  if pad_vocab_to > 1:
+    assert args.padded_vocab == 256
+    np.testing.assert_array_equal(ours["wte"]["embedding"][GRAD_VOCAB:], 0.0)
+
+
+def torch_reference_loss(p, tokens_BxL: np.ndarray, args: ModelArgs) -> "torch.Tensor":
+  """Pre-LN GPT loss in plain torch, from unrolled gptjax params (torch tensors), with each layer's
+  causal mask written out explicitly, banded where `args.window(l)` says. HF GPT-2 has no banded
+  layers; this stands in for it there."""
+  fn = torch.nn.functional
+  t = torch.from_numpy(tokens_BxL)
+  length, d = t.shape[1], args.d_model
+  ln = lambda x, q: fn.layer_norm(x, (d,), q["scale"], q["bias"], args.ln_eps)
+  x = p["wte"]["embedding"][t] + p["wpe"]["embedding"][:length]
+  i, j = torch.arange(length)[:, None], torch.arange(length)[None, :]
+  for l in range(args.n_layers):
+    b, window = p[f"block_{l}"], args.window(l)
+    allowed = (j <= i) & ((i - j < window) if window else True)
+    qkv = torch.einsum("btd,dsnh->btsnh", ln(x, b["ln_1"]),
+                       b["attn"]["qkv"]["kernel"]) + b["attn"]["qkv"]["bias"]
+    q, k, v = qkv.unbind(2)
+    s = torch.einsum("bqnh,bknh->bnqk", q, k) / args.d_head**0.5
+    w = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1)
+    o = torch.einsum("bnqk,bknh->bqnh", w, v)
+    x = x + torch.einsum("bqnh,nhd->bqd", o, b["attn"]["out"]["kernel"]) + b["attn"]["out"]["bias"]
+    f = fn.gelu(ln(x, b["ln_2"]) @ b["mlp"]["fc"]["kernel"] + b["mlp"]["fc"]["bias"],
+                approximate="tanh")
+    x = x + f @ b["mlp"]["proj"]["kernel"] + b["mlp"]["proj"]["bias"]
+  logits = ln(x, p["ln_f"]) @ p["wte"]["embedding"][:args.vocab_size].T
+  return fn.cross_entropy(logits[:, :-1].reshape(-1, args.vocab_size), t[:, 1:].reshape(-1))
+
+
+def test_banded_gradients_match_torch_autograd():
+  """GPT-3's alternating dense / locally banded layers (window 40 of 130 tokens), scanned."""
+  model, t = grad_problem(seed=1)
+  dense_args, unrolled = hf.load_hf_model(model, scan_layers=False, pad_vocab_to=128)
+  args = dataclasses.replace(dense_args, attention="alternating", local_window=40,
+                             scan_layers=True)
+  ours = layout.convert(gptjax_grads(args, layout.convert(unrolled, True, period=2), t), False,
+                        period=2)
+  leaves = jax.tree.map(lambda x: torch.tensor(np.asarray(x), requires_grad=True), unrolled)
+  torch_reference_loss(leaves, t, dataclasses.replace(args, scan_layers=False)).backward()
+  errors = max_scaled_errors(ours, jax.tree.map(lambda x: x.grad.numpy(), leaves))
+  assert len(errors) == 28 and max(errors.values()) < GRAD_TOL, errors
+  np.testing.assert_array_equal(ours["wte"]["embedding"][GRAD_VOCAB:], 0.0)
+  # The band matters: the dense model's gradients are far from these.
+  dense = gptjax_grads(dense_args, unrolled, t)
+  assert max(max_scaled_errors(dense, ours).values()) > 1e-2
