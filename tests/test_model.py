@@ -244,7 +244,9 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
   logits = GPT(args).apply({"params": params}, tokens)
   assert logits.dtype == jnp.float32
   ref = GPT(SMALL).apply({"params": params}, tokens)
-  np.testing.assert_allclose(logits, ref, atol=0.1)  # bf16 keeps ~3 significant digits
+  # Measured max |bf16 - f32| on these logits (|logits| <= ~1): 3.5e-3 to 4.1e-3 over init seeds
+  # 0-7 (this one: seed 0, 4.1e-3); the tolerance is 2.4x the largest.
+  np.testing.assert_allclose(logits, ref, atol=1e-2, rtol=0)
 
 
 def test_parameters_carry_logical_axes():
