@@ -140,8 +140,8 @@ def loss_fn(teacher: GPT, alpha: float, temperature: float):
     if sc.vocab_parallel:  # the vocabulary is sharded: logits are formed whole (as in train.py)
       logits_s = model.apply(variables, micro["inputs"], segment_ids_BxL=segment_ids,
                              deterministic=not sc.dropout, rngs=rngs)
-      total, count = loss_lib.vocab_parallel_cross_entropy_sum(
-          logits_s, targets, weights, sc.z_loss, mesh, batch_axes)
+      total, count, z = loss_lib.vocab_parallel_cross_entropy_sum(
+          logits_s, targets, weights, sc.z_loss, mesh, batch_axes, return_z=True)
       logits_t = teacher.apply({"params": frozen}, micro["inputs"], segment_ids_BxL=segment_ids)
       log_p_s = jax.nn.log_softmax(logits_s[..., :vocab] / temperature, axis=-1)
       log_p_t = jax.nn.log_softmax(logits_t[..., :vocab] / temperature, axis=-1)
@@ -149,14 +149,15 @@ def loss_fn(teacher: GPT, alpha: float, temperature: float):
     else:
       x_s, w_s = model.apply(variables, micro["inputs"], segment_ids, not sc.dropout, rngs=rngs,
                              method=_hidden_and_output_embedding)
-      total, count = loss_lib.unembed_cross_entropy_sum(
+      total, count, z = loss_lib.unembed_cross_entropy_sum(
           x_s.astype(w_s.dtype), w_s, targets, weights, sc.z_loss, vocab_size=vocab, mesh=mesh,
-          batch_axes=batch_axes)
+          batch_axes=batch_axes, return_z=True)
       x_t, w_t = teacher.apply({"params": frozen}, micro["inputs"], segment_ids, True,
                                method=_hidden_and_output_embedding)
       kl = kl_sum(x_s.astype(w_s.dtype), w_s, x_t.astype(w_t.dtype), w_t, weights, temperature,
                   vocab)
-    return (1.0 - alpha) * total + alpha * temperature**2 * kl, count
+    parts = {"z_loss": (1.0 - alpha) * z} if sc.z_loss else {}
+    return (1.0 - alpha) * total + alpha * temperature**2 * kl, count, parts
 
   return loss
 

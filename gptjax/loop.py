@@ -344,6 +344,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str,
                      tokens=tokens_seen, tokens_per_s=tok_s,
                      step_time_s=plan.accum(step) * plan.micro_batch * plan.seq_len / max(tok_s, 1e-9),
                      mfu=accounting.mfu(tok_s, flops_token, peak) if peak else None)
+          if "z_loss" in fetched[-1]:  # logged apart: `loss` is the cross-entropy alone
+            row["z_loss"] = float(fetched[-1]["z_loss"])
           if "compile_s" not in summary:
             row["compile_s"] = summary["compile_s"] = compile_s
           writer.write(done, row)

@@ -1,7 +1,9 @@
 """Token cross-entropy in float32: the plain path, a fused one, and a vocab-parallel one.
 
 All return (sum of weighted token losses, sum of weights), so micro-batches and hosts can be summed
-before dividing once (exact gradient accumulation, even with masked tokens).
+before dividing once (exact gradient accumulation, even with masked tokens). With `return_z=True`
+they also return the z-loss part of that sum, sum of weight * z_loss * (log Z)^2, so the
+cross-entropy can be reported apart from the regulariser.
 
 - `cross_entropy_sum(logits, ...)`: from materialised [B, L, V] logits.
 - `unembed_cross_entropy_sum(x, w, ...)`: the output projection and the loss fused, one chunk of
@@ -22,29 +24,30 @@ CHUNK_ROWS = 512  # rows (tokens) per chunk of the fused loss: [512, V] float32 
 
 
 def cross_entropy_sum(logits_BxLxV: Array, targets_BxL: Array, weights_BxL: Array | None = None,
-                      z_loss: float = 0.0) -> tuple[Array, Array]:
-  """Sum over tokens of -log p(target) (+ z_loss * log(Z)^2), and the sum of weights."""
+                      z_loss: float = 0.0, return_z: bool = False):
+  """Sum over tokens of -log p(target) (+ z_loss * log(Z)^2), and the sum of weights (and, with
+  `return_z`, the z-loss part of the sum)."""
   logits_BxLxV = logits_BxLxV.astype(jnp.float32)
   log_z_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
   target_logit_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
   nll_BxL = log_z_BxL - target_logit_BxL
-  if z_loss:
-    nll_BxL = nll_BxL + z_loss * jnp.square(log_z_BxL)
+  z_BxL = z_loss * jnp.square(log_z_BxL) if z_loss else jnp.zeros_like(nll_BxL)
   if weights_BxL is None:
     weights_BxL = jnp.ones_like(nll_BxL)
-  return (nll_BxL * weights_BxL).sum(), weights_BxL.sum()
+  total, count = ((nll_BxL + z_BxL) * weights_BxL).sum(), weights_BxL.sum()
+  return (total, count, (z_BxL * weights_BxL).sum()) if return_z else (total, count)
 
 
 def cross_entropy(logits_BxLxV: Array, targets_BxL: Array, weights_BxL: Array | None = None,
                   z_loss: float = 0.0) -> tuple[Array, Array]:
   """Mean token cross-entropy and the number of weighted tokens."""
-  total, count = cross_entropy_sum(logits_BxLxV, targets_BxL, weights_BxL, z_loss)
+  total, count = cross_entropy_sum(logits_BxLxV, targets_BxL, weights_BxL, z_loss)[:2]
   return total / jnp.maximum(count, 1.0), count
 
 
 def vocab_parallel_cross_entropy_sum(logits_BxLxV: Array, targets_BxL: Array,
                                      weights_BxL: Array | None, z_loss: float, mesh: Mesh,
-                                     batch_axes) -> tuple[Array, Array]:
+                                     batch_axes, return_z: bool = False):
   """`cross_entropy_sum` with the vocabulary sharded over the mesh's `tensor` axis.
 
   Each tensor shard reduces its own slice of the vocabulary (max, sum of exponentials, the target
@@ -57,7 +60,7 @@ def vocab_parallel_cross_entropy_sum(logits_BxLxV: Array, targets_BxL: Array,
   @functools.partial(
       jax.shard_map, mesh=mesh,
       in_specs=(P(batch_axes, None, "tensor"), P(batch_axes, None), P(batch_axes, None)),
-      out_specs=(P(), P()))
+      out_specs=(P(), P(), P()))
   def local(logits, targets, weights):
     logits = logits.astype(jnp.float32)
     v_local = logits.shape[-1]
@@ -69,22 +72,22 @@ def vocab_parallel_cross_entropy_sum(logits_BxLxV: Array, targets_BxL: Array,
     mine = (local_t >= 0) & (local_t < v_local)
     picked = jnp.take_along_axis(logits, jnp.clip(local_t, 0, v_local - 1)[..., None], -1)[..., 0]
     target_logit = jax.lax.psum(jnp.where(mine, picked, 0.0), "tensor")
-    nll = log_z - target_logit
-    if z_loss:
-      nll = nll + z_loss * jnp.square(log_z)
+    z = z_loss * jnp.square(log_z) if z_loss else jnp.zeros_like(log_z)
+    nll = log_z - target_logit + z
     axes = tuple(a for a in ((batch_axes,) if isinstance(batch_axes, str) else batch_axes or ()))
-    total, count = (nll * weights).sum(), weights.sum()
+    sums = (nll * weights).sum(), weights.sum(), (z * weights).sum()
     if axes:
-      total, count = jax.lax.psum(total, axes), jax.lax.psum(count, axes)
-    return total, count
+      sums = tuple(jax.lax.psum(x, axes) for x in sums)
+    return sums
 
-  return local(logits_BxLxV, targets_BxL, weights_BxL)
+  out = local(logits_BxLxV, targets_BxL, weights_BxL)
+  return out if return_z else out[:2]
 
 
 def unembed_cross_entropy_sum(x_BxLxD: Array, w_VxD: Array, targets_BxL: Array,
                               weights_BxL: Array | None = None, z_loss: float = 0.0,
                               vocab_size: int | None = None, chunk_rows: int = CHUNK_ROWS,
-                              mesh: Mesh | None = None, batch_axes=None) -> tuple[Array, Array]:
+                              mesh: Mesh | None = None, batch_axes=None, return_z: bool = False):
   """`cross_entropy_sum(x @ w.T, ...)` without materialising the logits.
 
   The rows (tokens) are processed in chunks of `chunk_rows`: each chunk's [chunk_rows, V] float32
@@ -104,9 +107,11 @@ def unembed_cross_entropy_sum(x_BxLxD: Array, w_VxD: Array, targets_BxL: Array,
     chunk_rows: rows per chunk; B·L is padded up to a multiple with zero-weight rows.
     mesh, batch_axes: if given, each device reduces its own rows of the batch (sharded over
       `batch_axes`) against the whole `w`, and the sums are added over devices.
+    return_z: also return the z-loss part of the loss sum (not differentiable on its own: its
+      gradient is part of the loss sum's).
 
   Returns:
-    (sum of weighted token losses, sum of weights), float32 scalars.
+    (sum of weighted token losses, sum of weights[, z-loss part]), float32 scalars.
   """
   if weights_BxL is None:
     weights_BxL = jnp.ones(targets_BxL.shape, jnp.float32)
@@ -114,18 +119,20 @@ def unembed_cross_entropy_sum(x_BxLxD: Array, w_VxD: Array, targets_BxL: Array,
                             vocab_size=vocab_size or w_VxD.shape[0], chunk_rows=chunk_rows)
   axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
   if mesh is None or all(mesh.shape[a] == 1 for a in axes):
-    return local(x_BxLxD, w_VxD, targets_BxL, weights_BxL)
+    out = local(x_BxLxD, w_VxD, targets_BxL, weights_BxL)
+    return out if return_z else out[:2]
 
   @functools.partial(
       jax.shard_map, mesh=mesh,
       in_specs=(P(batch_axes, None, None), P(), P(batch_axes, None), P(batch_axes, None)),
-      out_specs=(P(), P()))
+      out_specs=(P(), P(), P()))
   def sharded(x, w, targets, weights):
     # Each device's dw is a partial sum; marking w as varying makes its transpose sum them.
-    total, count = local(x, jax.lax.pcast(w, axes, to="varying"), targets, weights)
-    return jax.lax.psum(total, axes), jax.lax.psum(count, axes)
+    sums = local(x, jax.lax.pcast(w, axes, to="varying"), targets, weights)
+    return tuple(jax.lax.psum(s, axes) for s in sums)
 
-  return sharded(x_BxLxD, w_VxD, targets_BxL, weights_BxL)
+  out = sharded(x_BxLxD, w_VxD, targets_BxL, weights_BxL)
+  return out if return_z else out[:2]
 
 
 def _unembed_xent_local(x_BxLxD, w_VxD, targets_BxL, weights_BxL, z_loss, vocab_size, chunk_rows):
@@ -136,13 +143,14 @@ def _unembed_xent_local(x_BxLxD, w_VxD, targets_BxL, weights_BxL, z_loss, vocab_
   pad = -n % chunk
   x_NxD = jnp.pad(x_BxLxD.reshape(n, d), ((0, pad), (0, 0)))
   targets_N = jnp.pad(targets_BxL.reshape(n), (0, pad))
-  total = _fused_xent(x_NxD, w_VxD, targets_N, jnp.pad(weights_N, (0, pad)), float(z_loss),
-                      vocab_size, chunk)
-  return total, weights_N.sum()
+  total, z_total = _fused_xent(x_NxD, w_VxD, targets_N, jnp.pad(weights_N, (0, pad)),
+                               float(z_loss), vocab_size, chunk)
+  return total, weights_N.sum(), z_total
 
 
 def _chunk_xent(x_CxD, w_VxD, targets_C, weights_C, z_loss, vocab_size, with_grads):
-  """Token losses of one chunk and, if asked, their gradients w.r.t. x and w (float32 dw)."""
+  """Token losses (z-loss included) of one chunk, their z-loss parts and, if asked, their
+  gradients w.r.t. x and w (float32 dw)."""
   logits_CxV = jax.lax.dot_general(x_CxD, w_VxD, (((1,), (1,)), ((), ())),
                                    preferred_element_type=jnp.float32)
   ids_V = jnp.arange(w_VxD.shape[0])
@@ -152,11 +160,10 @@ def _chunk_xent(x_CxD, w_VxD, targets_C, weights_C, z_loss, vocab_size, with_gra
   exp_CxV = jnp.exp(logits_CxV - max_C[:, None])
   sum_C = exp_CxV.sum(-1)
   log_z_C = max_C + jnp.log(sum_C)
-  nll_C = log_z_C - jnp.take_along_axis(logits_CxV, targets_C[:, None], axis=-1)[:, 0]
-  if z_loss:
-    nll_C = nll_C + z_loss * jnp.square(log_z_C)
+  z_C = z_loss * jnp.square(log_z_C) if z_loss else jnp.zeros_like(log_z_C)
+  nll_C = log_z_C - jnp.take_along_axis(logits_CxV, targets_C[:, None], axis=-1)[:, 0] + z_C
   if not with_grads:
-    return nll_C
+    return nll_C, z_C
   # d nll / d logits = softmax * (1 + 2 z log Z) - onehot, scaled by the token's weight.
   scale_C = weights_C * (1.0 + 2.0 * z_loss * log_z_C) / sum_C
   dlogits_CxV = (exp_CxV * scale_C[:, None]
@@ -166,7 +173,7 @@ def _chunk_xent(x_CxD, w_VxD, targets_C, weights_C, z_loss, vocab_size, with_gra
                                preferred_element_type=jnp.float32).astype(x_CxD.dtype)
   dw_VxD = jax.lax.dot_general(dlogits_CxV, x_CxD, (((0,), (0,)), ((), ())),
                                preferred_element_type=jnp.float32)
-  return nll_C, dx_CxD, dw_VxD
+  return nll_C, z_C, dx_CxD, dw_VxD
 
 
 def _chunks(x_NxD, targets_N, weights_N, chunk):
@@ -177,11 +184,14 @@ def _chunks(x_NxD, targets_N, weights_N, chunk):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _fused_xent(x_NxD, w_VxD, targets_N, weights_N, z_loss, vocab_size, chunk):
+  """(weighted loss sum, its z-loss part); only the first is differentiated."""
   def chunk_sum(xs):
     x, t, wt = xs
-    return (_chunk_xent(x, w_VxD, t, wt, z_loss, vocab_size, False) * wt).sum()
+    nll, z = _chunk_xent(x, w_VxD, t, wt, z_loss, vocab_size, False)
+    return (nll * wt).sum(), (z * wt).sum()
 
-  return jax.lax.map(chunk_sum, _chunks(x_NxD, targets_N, weights_N, chunk)).sum()
+  totals, zs = jax.lax.map(chunk_sum, _chunks(x_NxD, targets_N, weights_N, chunk))
+  return totals.sum(), zs.sum()
 
 
 def _fused_xent_fwd(x_NxD, w_VxD, targets_N, weights_N, z_loss, vocab_size, chunk):
@@ -190,21 +200,23 @@ def _fused_xent_fwd(x_NxD, w_VxD, targets_N, weights_N, z_loss, vocab_size, chun
     return _chunk_xent(x, w_VxD, t, wt, z_loss, vocab_size, True)
 
   def body(dw_VxD, xs):
-    nll, dx, dw = chunk_grads(xs)
-    return dw_VxD + dw, (nll, dx)
+    nll, z, dx, dw = chunk_grads(xs)
+    return dw_VxD + dw, (nll, z, dx)
 
   # The first chunk starts the dw sum (no zeros to write and add); a scan does the rest.
   chunks = _chunks(x_NxD, targets_N, weights_N, chunk)
-  nll0, dx0, dw_VxD = chunk_grads(jax.tree.map(lambda c: c[0], chunks))
-  dw_VxD, (nll, dx) = jax.lax.scan(body, dw_VxD, jax.tree.map(lambda c: c[1:], chunks))
+  nll0, z0, dx0, dw_VxD = chunk_grads(jax.tree.map(lambda c: c[0], chunks))
+  dw_VxD, (nll, z, dx) = jax.lax.scan(body, dw_VxD, jax.tree.map(lambda c: c[1:], chunks))
   nll_N = jnp.concatenate([nll0, nll.reshape(-1)])
+  z_N = jnp.concatenate([z0, z.reshape(-1)])
   dx_NxD = jnp.concatenate([dx0, dx.reshape(-1, dx0.shape[-1])])
   residuals = (dx_NxD, dw_VxD.astype(w_VxD.dtype), nll_N, targets_N)
-  return (nll_N * weights_N).sum(), residuals
+  return ((nll_N * weights_N).sum(), (z_N * weights_N).sum()), residuals
 
 
-def _fused_xent_bwd(z_loss, vocab_size, chunk, residuals, g):
+def _fused_xent_bwd(z_loss, vocab_size, chunk, residuals, cotangents):
   del z_loss, vocab_size, chunk
+  g, _ = cotangents  # the z-loss part is reported, never differentiated on its own
   dx_NxD, dw_VxD, nll_N, targets_N = residuals
   int_zero = np.zeros(targets_N.shape, jax.dtypes.float0)
   return (g * dx_NxD).astype(dx_NxD.dtype), (g * dw_VxD).astype(dw_VxD.dtype), int_zero, g * nll_N

@@ -40,7 +40,9 @@ class TrainState:
 
 
 # loss_fn(params, frozen, micro_batch, rng, model, step_config, mesh, batch_axes)
-#   -> (sum of weighted token losses, sum of weights)
+#   -> (sum of weighted token losses, sum of weights[, {name: part of that sum}])
+# The optional third element names regularisers inside the loss sum (the z-loss): they are logged
+# apart, and the reported `loss` is the sum without them, the cross-entropy validation reports.
 LossFn = Any
 
 
@@ -67,20 +69,22 @@ def lm_loss_sum(params, frozen, micro: Batch, rng, model: GPT, sc: StepConfig, m
 
 
 def _loss_sum(params, micro: Batch, rng, model: GPT, sc: StepConfig, mesh: Mesh | None,
-              batch_axes) -> tuple[jax.Array, jax.Array]:
+              batch_axes):
   variables, rngs = {"params": params}, {"dropout": rng} if sc.dropout else None
   segment_ids, weights = micro.get("segment_ids"), micro.get("weights")
   if sc.vocab_parallel:
     logits = model.apply(variables, micro["inputs"], segment_ids_BxL=segment_ids,
                          deterministic=not sc.dropout, rngs=rngs)
-    return loss_lib.vocab_parallel_cross_entropy_sum(logits, micro["targets"], weights, sc.z_loss,
-                                                     mesh, batch_axes)
-  # The output projection is fused into the loss: the [B, L, V] logits are never materialised.
-  x_BxLxD, w_VxD = model.apply(variables, micro["inputs"], segment_ids, not sc.dropout, rngs=rngs,
-                               method=_hidden_and_output_embedding)
-  return loss_lib.unembed_cross_entropy_sum(
-      x_BxLxD.astype(w_VxD.dtype), w_VxD, micro["targets"], weights, sc.z_loss,
-      vocab_size=model.args.vocab_size, mesh=mesh, batch_axes=batch_axes)
+    total, count, z = loss_lib.vocab_parallel_cross_entropy_sum(
+        logits, micro["targets"], weights, sc.z_loss, mesh, batch_axes, return_z=True)
+  else:
+    # The output projection is fused into the loss: the [B, L, V] logits are never materialised.
+    x_BxLxD, w_VxD = model.apply(variables, micro["inputs"], segment_ids, not sc.dropout,
+                                 rngs=rngs, method=_hidden_and_output_embedding)
+    total, count, z = loss_lib.unembed_cross_entropy_sum(
+        x_BxLxD.astype(w_VxD.dtype), w_VxD, micro["targets"], weights, sc.z_loss,
+        vocab_size=model.args.vocab_size, mesh=mesh, batch_axes=batch_axes, return_z=True)
+  return total, count, ({"z_loss": z} if sc.z_loss else {})
 
 
 def train_step(state: TrainState, batch: Batch, *, model: GPT, tx: optax.GradientTransformation,
@@ -93,32 +97,43 @@ def train_step(state: TrainState, batch: Batch, *, model: GPT, tx: optax.Gradien
   """
   rng = jax.random.fold_in(jax.random.key(sc.seed), state.step)
   frozen = jax.lax.stop_gradient(state.frozen)
-  grad_fn = jax.value_and_grad(
-      lambda params, micro, rng, *rest: loss_fn(params, frozen, micro, rng, *rest), has_aux=True)
+
+  def objective(params, micro, rng, *rest):
+    total, count, *parts = loss_fn(params, frozen, micro, rng, *rest)
+    return total, (count, parts[0] if parts else {})
+
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
 
   def micro_step(carry, xs):
-    grads_acc, total_acc, count_acc = carry
+    grads_acc, total_acc, count_acc, parts_acc = carry
     micro, i = xs
-    (total, count), grads = grad_fn(state.params, micro, jax.random.fold_in(rng, i), model, sc,
-                                    mesh, batch_axes)
+    (total, (count, parts)), grads = grad_fn(state.params, micro, jax.random.fold_in(rng, i),
+                                             model, sc, mesh, batch_axes)
     grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
-    return (grads_acc, total_acc + total, count_acc + count), None
+    return (grads_acc, total_acc + total, count_acc + count,
+            jax.tree.map(jnp.add, parts_acc, parts)), None
 
   accum = batch["inputs"].shape[0]
+  first = jax.tree.map(lambda x: x[0], batch)
   if accum == 1:  # no accumulator to zero, add into and carry through a loop
-    (total, count), grads = grad_fn(state.params, jax.tree.map(lambda x: x[0], batch),
-                                    jax.random.fold_in(rng, 0), model, sc, mesh, batch_axes)
+    (total, (count, parts)), grads = grad_fn(state.params, first, jax.random.fold_in(rng, 0),
+                                             model, sc, mesh, batch_axes)
   else:
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    (grads, total, count), _ = jax.lax.scan(
-        micro_step, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
+    scalar = jnp.zeros((), jnp.float32)
+    part_names = jax.eval_shape(  # which regulariser parts the objective reports
+        lambda p, m, r: grad_fn(p, m, r, model, sc, mesh, batch_axes), state.params, first,
+        rng)[0][1][1]
+    (grads, total, count, parts), _ = jax.lax.scan(
+        micro_step, (zeros, scalar, scalar, jax.tree.map(lambda _: scalar, part_names)),
         (batch, jnp.arange(accum)))
   count = jnp.maximum(count, 1.0)
   grads = jax.tree.map(lambda g: g / count, grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": total / count, "grad_norm": optax.global_norm(grads), "lr": lr(state.step),
-             "tokens": count}
+  reported = total - sum(parts.values(), jnp.zeros((), jnp.float32))
+  metrics = {"loss": reported / count, "grad_norm": optax.global_norm(grads),
+             "lr": lr(state.step), "tokens": count, **{k: v / count for k, v in parts.items()}}
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                     frozen=state.frozen), metrics
 
@@ -127,7 +142,7 @@ def eval_step(params, batch: Batch, *, model: GPT, sc: StepConfig, mesh: Mesh | 
               batch_axes=None) -> dict[str, jax.Array]:
   """Sum of token losses and token count on one [B, L] batch (no dropout)."""
   sc = dataclasses.replace(sc, dropout=False, z_loss=0.0)
-  total, count = _loss_sum(params, batch, None, model, sc, mesh, batch_axes)
+  total, count, _ = _loss_sum(params, batch, None, model, sc, mesh, batch_axes)
   return {"loss_sum": total, "tokens": count}
 
 

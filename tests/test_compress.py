@@ -247,7 +247,8 @@ def test_distillation_loss_is_the_mix_of_cross_entropy_and_scaled_kl(plain, init
     return (fn(s, f, b, None, model, sc, None, None),
             (model.apply({"params": s}, b["inputs"]), teacher.apply({"params": f}, b["inputs"])))
 
-  (total, count), logits = loss_and_logits(student_p, teacher_p, batch)
+  (total, count, parts), logits = loss_and_logits(student_p, teacher_p, batch)
+  assert parts == {}  # no z-loss
   # Reference in float64 numpy from the two models' logits.
   ls, lt = (np.asarray(x, np.float64)[..., :VOCAB] for x in logits)
   ce = -np.take_along_axis(_log_softmax(ls), batch["targets"][..., None], -1).sum()

@@ -207,3 +207,23 @@ def test_bad_schedules_fail_before_compiling(edit, message):
   edit(c)
   with pytest.raises(ConfigError, match=message):
     train.Trainer.build(c, sharding.make_mesh(c.mesh, jax.devices()[:1]))
+
+
+@pytest.mark.parametrize("accum, tensor", [(1, 1), (2, 1), (1, 2)],
+                         ids=["fused", "accumulated", "vocab_parallel"])
+def test_logged_loss_is_the_cross_entropy_and_z_loss_is_logged_apart(accum, tensor):
+  """With train.z_loss on, `loss` must be what validation reports (plain cross-entropy) and
+  `z_loss` the regulariser alone: both against numpy log-softmax of the model's own logits."""
+  z = 1e-2
+  cfg = small_cfg(tensor=tensor, z_loss=z, micro_batch=16 // accum)
+  cfg.model.update(embd_dropout=0.0, attn_dropout=0.0, resid_dropout=0.0)
+  trainer = train.Trainer.build(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:tensor]))
+  state = trainer.init_state()
+  batch = batches(1, accum=accum, micro=16 // accum)[0]
+  logits = np.asarray(trainer.model.apply({"params": state.params},
+                                          batch["inputs"].reshape(16, -1)), np.float64)[..., :250]
+  log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+  target = np.take_along_axis(logits, batch["targets"].reshape(16, -1)[..., None], -1)[..., 0]
+  _, metrics = trainer.step(state, jax.device_put(batch, trainer.batch_sharding()))
+  np.testing.assert_allclose(float(metrics["loss"]), (log_z - target).mean(), rtol=2e-5)
+  np.testing.assert_allclose(float(metrics["z_loss"]), z * (log_z ** 2).mean(), rtol=2e-5)
