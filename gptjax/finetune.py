@@ -20,7 +20,6 @@ import functools
 import json
 import math
 import os
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -29,10 +28,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from tqdm import tqdm
 
 from gptjax import checkpoint, config as config_lib, generate, heads, loss as loss_lib
-from gptjax import hf, loop, metrics as metrics_lib, peft, sharding
+from gptjax import hf, loop, peft, sharding
 from gptjax.config import ConfigError
 from gptjax.data import sft, tokenizer as tokenizer_lib
 from gptjax.model import GPT, ModelArgs
@@ -365,7 +363,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str,
                       "training examples (formats: gptjax/data/sft.py).")
   check_supported(cfg)
   load_base = resolve_base(cfg)
-  os.makedirs(workdir, exist_ok=True)
+  loop.check_workdir(cfg, workdir)  # before anything is written there
   tokenizer = tokenizer_lib.load_or_train(cfg.data, workdir)
   if load_base is None:
     cfg.model.vocab_size = tokenizer.vocab_size
@@ -382,6 +380,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str,
   ckpt = checkpoint.Checkpointer(workdir, ck, config=cfg)
   state, step = _restore(ckpt, ft, load_base, workdir)
   if step is None:
+    loop.refuse_silent_restart(ckpt, ck, workdir)
     state = ft.trainer.init_state()
     state = ft.load_base(state, load_base(ft.base_abstract())) if load_base else state
   else:
@@ -395,52 +394,29 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str,
     _log(f"{train.truncated} training sequences were cut to {fmt.seq_len} tokens")
 
   rows = ft.trainer.host_rows(plan.micro_batch)  # this host's rows of every micro-batch
-  ds = sft.train_batches(train.rows, micro_batch=plan.micro_batch, seed=cfg.seed, rows_of_batch=rows.rows)
+  ds = sft.train_batches(train.rows, micro_batch=plan.micro_batch, seed=cfg.seed,
+                         rows_of_batch=rows.rows)
   val_batches = sft.eval_batches(val.rows, plan.micro_batch) if val else []
-  writer = metrics_lib.MetricsWriter(workdir)
-  start, pending, summary = int(state.step), [], {}
-  last_time = time.perf_counter()
-  bar = tqdm(range(start, plan.total_steps), initial=start, total=plan.total_steps, unit="step",
-             disable=not (t.progress and jax.process_index() == 0), dynamic_ncols=True)
-  try:
-    for step in bar:
-      first = plan.tokens_before(step) // (plan.micro_batch * plan.seq_len)
-      micro = [ds[first + i] for i in range(plan.accum(step))]
-      host = {k: np.stack([m[k] for m in micro]) for k in micro[0]}
-      state, step_metrics = ft.trainer.step(state, rows.to_global(host, leading=1))
-      pending.append(step_metrics)
-      done = step + 1
-      is_last, row = done == plan.total_steps, {}
-      if val and (t.eval_every and done % t.eval_every == 0 or is_last):
-        row.update(ft.evaluate(state, val_batches))
-        if f.task == "sft" and f.match_examples:
-          row["val_exact_match"] = ft.exact_match(state, val.pairs[:f.match_examples],
-                                                  tokenizer.eos_id)
-      if done % t.log_every == 0 or is_last or row:
-        fetched, pending = jax.device_get(pending), []
-        if not all(math.isfinite(float(m["loss"])) for m in fetched):
-          raise loop.NonFiniteError(f"non-finite loss by step {done}: fine-tuning stopped with "
-                                    "the checkpoints on disk untouched. Lower optim.peak_lr.")
-        now = time.perf_counter()
-        row.update(loss=float(fetched[-1]["loss"]),
-                   loss_avg=float(np.mean([m["loss"] for m in fetched])),
-                   lr=float(fetched[-1]["lr"]), grad_norm=float(fetched[-1]["grad_norm"]),
-                   steps_per_s=len(fetched) / max(now - last_time, 1e-9))
-        last_time = now
-        writer.write(done, row)
-        summary.update(row)
-        bar.set_postfix(loss=f"{row['loss']:.3f}")
-      if is_last or (ck.save_every and done % ck.save_every == 0):
-        ckpt.save(done, state, {"step": done}, row.get("val_loss"))
-  finally:
-    bar.close()
-    ckpt.close()
-    writer.close()
-  summary.update(steps=int(state.step), trainable=trainable, params=total,
-                 trainable_fraction=trainable / total)
-  _log("done. " + ", ".join(f"{k} {summary[k]:.4g}" for k in
-                            ("loss", "val_loss", "val_accuracy", "val_exact_match") if k in summary)
-       + f"; outputs in {workdir}")
+
+  def next_batch(step: int) -> list[dict[str, np.ndarray]]:
+    first = plan.tokens_before(step) // (plan.micro_batch * plan.seq_len)
+    return [ds[first + i] for i in range(plan.accum(step))]
+
+  def validate(state) -> dict[str, Any]:
+    out = ft.evaluate(state, val_batches)
+    if f.task == "sft" and f.match_examples:
+      out["val_exact_match"] = ft.exact_match(state, val.pairs[:f.match_examples],
+                                              tokenizer.eos_id)
+    return out
+
+  summary = loop.train(ft.trainer, state, next_batch, rows, cfg=cfg, workdir=workdir, ckpt=ckpt,
+                       hooks=[loop.Hook(t.eval_every, validate)] if val else [])
+  state = summary.pop("state")
+  summary.update(trainable=trainable, params=total, trainable_fraction=trainable / total)
+  if not summary["preempted"]:
+    _log("done. " + ", ".join(f"{k} {summary[k]:.4g}" for k in
+                              ("loss", "val_loss", "val_accuracy", "val_exact_match")
+                              if k in summary) + f"; outputs in {workdir}")
   return summary
 
 

@@ -8,6 +8,8 @@ the latest complete checkpoint, exactly: same parameters, optimizer state and da
 Metrics leave the device every `train.log_every` steps only.
 """
 
+from collections.abc import Callable, Sequence
+import dataclasses
 import hashlib
 import json
 import math
@@ -49,6 +51,18 @@ _SAME_PARAMS = ("vocab_size", "scan_layers", "remat", "dtype", "attention_impl")
 _STREAM = ("seed", "data.source", "data.paths", "data.text_key", "data.txt_split",
            "data.tfds_name", "data.tfds_data_dir", "data.tfds_train_split", "data.tfds_val_split",
            "data.val_fraction", "data.max_docs", "data.tokenizer.")
+# Fine-tuning: the settings that define its trained parameters and its examples.
+_FINETUNE_FIXED = ("seed", "finetune.base", "finetune.task", "finetune.peft", "finetune.freeze",
+                   "finetune.train_path", "finetune.text_fields", "finetune.label_field",
+                   "finetune.choices_field", "finetune.classes", "finetune.delimiter",
+                   "finetune.template", "finetune.completion_field", "finetune.pack",
+                   "finetune.adapter_dim", "finetune.prefix_len", "finetune.lora.")
+
+
+def run_kind(config: dict[str, Any]) -> str:
+  """'fine-tuning' for a config with `finetune.train_path` (what scripts/finetune.py runs), else
+  'pre-training'."""
+  return "fine-tuning" if config.get("finetune", {}).get("train_path") else "pre-training"
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -71,7 +85,7 @@ def _describe(changes: dict[str, tuple[Any, Any]]) -> str:
   return ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
 
 
-def _check_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> None:
+def check_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> None:
   """Refuses, before anything is written, a resume that cannot continue the run in the workdir,
   or a workdir that cannot be written; says in one line which settings changed otherwise."""
   saved = os.path.join(workdir, "config.json")
@@ -90,6 +104,13 @@ def _check_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> None:
           f"({_describe(tokenizer)}); it would be used instead of the one asked for. Put the "
           "settings back, or use a new --workdir.")
   if os.path.exists(saved) and has_checkpoints:
+    new_kind, old_kind = run_kind(json.loads(cfg.to_json_best_effort())), run_kind(old)
+    if new_kind != old_kind:
+      raise ConfigError(
+          f"workdir {workdir!r} holds a {old_kind} run, and this is a {new_kind} run: it would "
+          "resume or overwrite the other run's checkpoints. Use a new --workdir (fine-tuning reads "
+          "its base through finetune.base).")
+    fixed = _FINETUNE_FIXED if new_kind == "fine-tuning" else _STREAM
     model = {k: v for k, v in changes.items()
              if k.startswith("model.") and k[len("model."):] not in _SAME_PARAMS}
     if model:
@@ -98,7 +119,12 @@ def _check_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> None:
           "cannot resume. Use a new --workdir, or checkpoint.restore_from to start from its "
           "weights.")
     stream = {k: v for k, v in changes.items() if k == "seed" or any(
-        k.startswith(p) for p in _STREAM if p != "seed")}
+        k.startswith(p) for p in fixed if p != "seed")}
+    if stream and new_kind == "fine-tuning":
+      raise ConfigError(
+          f"workdir {workdir!r} holds a fine-tuning run with other task, data or trained-parameter"
+          f" settings ({_describe(stream)}), so it cannot resume. Put them back, or use a new "
+          "--workdir.")
     if stream:
       raise ConfigError(
           f"workdir {workdir!r} holds a run trained on another token stream ({_describe(stream)}): "
@@ -121,7 +147,7 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: str, devices=None):
   """Validates everything that can be checked early. Returns (tokenizer, mesh)."""
   devices = jax.devices() if devices is None else devices
   config_lib.validate(cfg, n_devices=len(devices))
-  _check_workdir(cfg, workdir)
+  check_workdir(cfg, workdir)
   if cfg.checkpoint.restore_from and not os.path.isdir(cfg.checkpoint.restore_from):
     raise ConfigError(f"config.checkpoint.restore_from: {cfg.checkpoint.restore_from!r} does not "
                       "exist. Point it at a gptjax run's workdir.")
@@ -254,8 +280,6 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str,
   plan, t, ck = trainer.run, cfg.train, cfg.checkpoint
   args = trainer.model.args
   counts = accounting.param_counts(args)
-  flops_token = accounting.flops_per_token(args, plan.seq_len)
-  peak = _mesh_peak_flops(mesh)
   fingerprint = data_fingerprint(cfg, tokenizer)
   _check_same_on_all_hosts(fingerprint, "token stream",
                            "Give every host the same data files and data.* settings (the token "
@@ -280,11 +304,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str,
     train_it.set_state(checkpoint.resume_data_state(meta, cfg, plan))
     _log(f"resuming from the checkpoint at step {meta['step']} ({meta['tokens']:,} tokens seen)")
   else:
-    if ckpt.quarantined() and not ck.start_over:
-      raise ConfigError(
-          f"every checkpoint in {workdir} is unreadable (moved to corrupt_checkpoints/: "
-          f"{', '.join(ckpt.quarantined())}), so this run would start again from step 0. Set "
-          "--config.checkpoint.start_over=True to do that, or use a new --workdir.")
+    refuse_silent_restart(ckpt, ck, workdir)
     state = trainer.init_state()
     if ck.restore_from:
       abstract = trainer.abstract_state.params
@@ -296,25 +316,77 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str,
   _log(f"{cfg.name}, {counts.total:,} params, mesh {dict(mesh.shape)}, {plan.total_steps} steps "
        f"of {plan.max_accum * plan.micro_batch} x {plan.seq_len} tokens")
 
+  def validate(state) -> dict[str, Any]:
+    return {"val_loss": evaluate(trainer, state.params, eval_ds, rows),
+            **suite.metrics(state.params)}  # eval/<task>/<metric>; {} without eval.tasks
+
+  def next_batch(step: int) -> list[dict[str, np.ndarray]]:
+    return [next(train_it) for _ in range(plan.accum(step))]
+
+  def meta(step: int, tokens: int) -> dict[str, Any]:
+    return {"tokens": tokens, "data": train_it.get_state(), "micro_batch": plan.micro_batch,
+            "data_fingerprint": fingerprint}
+
+  start = int(state.step)
+  summary = train(trainer, state, next_batch, rows, cfg=cfg, workdir=workdir, ckpt=ckpt,
+                  hooks=[Hook(t.eval_every, validate)], meta=meta,
+                  flops_token=accounting.flops_per_token(args, plan.seq_len),
+                  peak=_mesh_peak_flops(mesh))
+  state = summary.pop("state")
+  summary["params"] = counts.total
+  if t.sample_tokens and not summary["preempted"]:
+    summary["samples"] = write_samples(trainer, state.params, tokenizer, workdir, t.sample_tokens,
+                                       cfg.seed)
+  if start == plan.total_steps:
+    _log(f"the run in {workdir} had already finished ({start} steps); nothing to do")
+  elif not summary["preempted"]:
+    _log(f"done. val loss {summary.get('val_loss', float('nan')):.4f}; outputs in {workdir} "
+         "(config.json, checkpoints/, metrics.jsonl, tb/, tokenizer.model, samples.txt)")
+  return summary
+
+
+@dataclasses.dataclass(frozen=True)
+class Hook:
+  """Work the loop does on a cadence: `fn(state)` every `every` steps (0 = only at the end) and
+  after the last step; its values join that step's metrics row (`val_loss` also tags the step's
+  checkpoint for `checkpoint.keep_best`)."""
+
+  every: int
+  fn: Callable[[Any], dict[str, Any]]
+
+  def due(self, done: int, is_last: bool) -> bool:
+    return is_last or bool(self.every and done % self.every == 0)
+
+
+def train(trainer: Trainer, state, next_batch: Callable[[int], list[dict[str, np.ndarray]]],
+          rows: feed.HostRows, *, cfg: ml_collections.ConfigDict, workdir: str,
+          ckpt: checkpoint.Checkpointer, hooks: Sequence[Hook] = (),
+          meta: Callable[[int, int], dict[str, Any]] = lambda step, tokens: {"tokens": tokens},
+          flops_token: float | None = None, peak: float | None = None) -> dict[str, Any]:
+  """The training loop every objective runs: pre-training, fine-tuning, distillation, QAT.
+
+  Steps `trainer` from `state` to the end of its plan. Each step feeds the micro-batches
+  `next_batch(step)` (this host's `rows` of each); metrics leave the device every
+  `train.log_every` steps and go to `metrics.jsonl` and TensorBoard; the non-finite policy
+  (`train.nonfinite`) is applied to every step; hooks run on their cadence; checkpoints are saved
+  every `checkpoint.save_every` steps and at the end, with `meta(step, tokens)` beside the state.
+  SIGTERM or a first Ctrl-C saves a checkpoint after the current step and returns.
+
+  Returns:
+    The last metrics row's values, plus `state`, `steps`, `tokens`, `preempted`, `compile_s`.
+  """
+  plan, t, ck = trainer.run, cfg.train, cfg.checkpoint
   writer = metrics_lib.MetricsWriter(workdir)
   pending, summary = [], {"preempted": False}
   start = int(state.step)
   tokens_seen = plan.tokens_before(start)
-  last_time, last_tokens, compile_s, skips, val_loss = time.perf_counter(), tokens_seen, None, 0, None
-
-  def save(step: int, measured_val_loss: float | None) -> None:
-    """`measured_val_loss`: validation at this very step, else None (keep_best never sees a stale
-    loss)."""
-    ckpt.save(step, state, {"step": step, "tokens": tokens_seen, "data": train_it.get_state(),
-                            "micro_batch": plan.micro_batch, "data_fingerprint": fingerprint},
-              measured_val_loss)
-
+  last_time, last_tokens, compile_s, skips = time.perf_counter(), tokens_seen, None, 0
   bar = tqdm(range(start, plan.total_steps), initial=start, total=plan.total_steps, unit="step",
              disable=not (t.progress and jax.process_index() == 0), dynamic_ncols=True)
   try:
     with _StopSignal() as stop:
       for step in bar:
-        micro = [next(train_it) for _ in range(plan.accum(step))]
+        micro = next_batch(step)
         host = {k: np.stack([m[k] for m in micro]) for k in micro[0]}
         state, step_metrics = trainer.step(state, rows.to_global(host, leading=1))
         pending.append(step_metrics)
@@ -327,10 +399,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str,
         is_last, preempted = done == plan.total_steps, stop.agreed()
         is_save = is_last or preempted or (ck.save_every and done % ck.save_every == 0)
         row = {}
-        if t.eval_every and done % t.eval_every == 0 or is_last:
-          val_loss = evaluate(trainer, state.params, eval_ds, rows)
-          row["val_loss"] = summary["val_loss"] = val_loss
-          row.update(suite.metrics(state.params))  # eval/<task>/<metric>; {} without eval.tasks
+        for hook in hooks:
+          if hook.due(done, is_last):
+            row.update(hook.fn(state))
         if done % t.log_every == 0 or is_last or row or is_save:
           fetched = jax.device_get(pending)
           pending = []
@@ -338,22 +409,17 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str,
           now = time.perf_counter()
           tok_s = (tokens_seen - last_tokens) / max(now - last_time, 1e-9)
           last_time, last_tokens = now, tokens_seen
-          row.update(loss=float(fetched[-1]["loss"]),
-                     loss_avg=float(np.mean([f["loss"] for f in fetched])),
-                     lr=float(fetched[-1]["lr"]), grad_norm=float(fetched[-1]["grad_norm"]),
-                     tokens=tokens_seen, tokens_per_s=tok_s,
-                     step_time_s=plan.accum(step) * plan.micro_batch * plan.seq_len / max(tok_s, 1e-9),
-                     mfu=accounting.mfu(tok_s, flops_token, peak) if peak else None)
-          if "z_loss" in fetched[-1]:  # logged apart: `loss` is the cross-entropy alone
-            row["z_loss"] = float(fetched[-1]["z_loss"])
+          row.update(_step_row(fetched, plan.accum(step) * plan.micro_batch * plan.seq_len, tok_s,
+                               tokens_seen, flops_token, peak))
           if "compile_s" not in summary:
             row["compile_s"] = summary["compile_s"] = compile_s
           writer.write(done, row)
-          summary.update(loss=row["loss"], tokens_per_s=tok_s)
+          summary.update(row)
           bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tok_s:,.0f}",
-                          **({"val": f"{val_loss:.3f}"} if val_loss is not None else {}))
-        if is_save:
-          save(done, row.get("val_loss"))
+                          **({"val": f"{summary['val_loss']:.3f}"} if "val_loss" in summary
+                             else {}))
+        if is_save:  # tagged only with a validation loss measured at this very step
+          ckpt.save(done, state, {"step": done, **meta(done, tokens_seen)}, row.get("val_loss"))
         if preempted and not is_last:
           summary["preempted"] = True
           bar.close()
@@ -363,16 +429,32 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str,
     bar.close()
     ckpt.close()
     writer.close()
-  summary.update(steps=int(state.step), tokens=tokens_seen, params=counts.total)
-  if t.sample_tokens and not summary["preempted"]:
-    summary["samples"] = write_samples(trainer, state.params, tokenizer, workdir, t.sample_tokens,
-                                       cfg.seed)
-  if start == plan.total_steps:
-    _log(f"the run in {workdir} had already finished ({start} steps); nothing to do")
-  elif not summary["preempted"]:
-    _log(f"done. val loss {summary.get('val_loss', float('nan')):.4f}; outputs in {workdir} "
-         "(config.json, checkpoints/, metrics.jsonl, tb/, tokenizer.model, samples.txt)")
+  summary.update(state=state, steps=int(state.step), tokens=tokens_seen)
   return summary
+
+
+def _step_row(fetched: list[dict[str, Any]], step_tokens: int, tok_s: float, tokens_seen: int,
+              flops_token: float | None, peak: float | None) -> dict[str, Any]:
+  """The metrics row of the steps just fetched (the last step's values, their mean loss)."""
+  last = fetched[-1]
+  row = {"loss": float(last["loss"]), "loss_avg": float(np.mean([f["loss"] for f in fetched])),
+         "lr": float(last["lr"]), "grad_norm": float(last["grad_norm"]), "tokens": tokens_seen,
+         "tokens_per_s": tok_s, "step_time_s": step_tokens / max(tok_s, 1e-9),
+         "mfu": accounting.mfu(tok_s, flops_token, peak) if peak and flops_token else None}
+  if "z_loss" in last:  # logged apart: `loss` is the cross-entropy alone
+    row["z_loss"] = float(last["z_loss"])
+  return row
+
+
+def refuse_silent_restart(ckpt: checkpoint.Checkpointer, ck: ml_collections.ConfigDict,
+                          workdir: str) -> None:
+  """Refuses to start from step 0 in a workdir whose checkpoints were all unreadable, unless
+  `checkpoint.start_over` asks for it."""
+  if ckpt.quarantined() and not ck.start_over:
+    raise ConfigError(
+        f"every checkpoint in {workdir} is unreadable (moved to corrupt_checkpoints/: "
+        f"{', '.join(ckpt.quarantined())}), so this run would start again from step 0. Set "
+        "--config.checkpoint.start_over=True to do that, or use a new --workdir.")
 
 
 def _mesh_peak_flops(mesh) -> float | None:

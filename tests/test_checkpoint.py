@@ -216,7 +216,7 @@ def test_processes_sharing_a_workdir_check_it_without_racing(tmp_path):
 
   def check_many_times():
     for _ in range(200):
-      loop._check_workdir(cfg, workdir)
+      loop.check_workdir(cfg, workdir)
 
   with concurrent.futures.ThreadPoolExecutor(8) as pool:
     for f in [pool.submit(check_many_times) for _ in range(8)]:

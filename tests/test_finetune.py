@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import configs
-from gptjax import checkpoint, config as config_lib, finetune, heads, metrics, peft, sharding
+from gptjax import checkpoint, config as config_lib, finetune, heads, loop, metrics, peft, sharding
 from gptjax.config import ConfigError
 from gptjax.data import sft, tokenizer as tokenizer_lib
 from gptjax.data.errors import DataError
@@ -64,7 +64,7 @@ def small_cfg(task="classify", method="none", steps=40, seq_len=32, **finetune_o
   c = configs.load("tiny")
   c.model.update(n_layers=2, d_model=32, n_heads=2, ctx=seq_len, vocab_size=TOK.vocab_size,
                  pad_vocab_to=1)
-  c.train.update(global_batch=16, steps=steps, seq_len=seq_len)
+  c.train.update(global_batch=16, steps=steps, seq_len=seq_len, sample_tokens=0)
   c.optim.update(warmup_steps=min(5, steps - 1), peak_lr=3e-3, weight_decay=0.0)
   c.finetune.update(task=task, peft=method, head_dropout=0.0, **finetune_overrides)
   c.mesh.data = 1
@@ -550,3 +550,76 @@ def test_finetuning_refuses_settings_it_does_not_implement(tmp_path, key, value)
   with pytest.raises(ConfigError, match=f"config.{key}: fine-tuning does not do"):
     finetune.run(cfg, str(tmp_path / "run"), devices=jax.devices()[:1])
   assert not os.path.exists(tmp_path / "run")  # refused before anything was written
+
+
+def _lifecycle_cfg(tmp_path, base, steps=12):
+  cfg = small_cfg(method="lora", steps=steps, seq_len=64, base=base,
+                  train_path=write_jsonl(tmp_path / "train.jsonl", marker_records(128, seed=0)),
+                  val_path=write_jsonl(tmp_path / "val.jsonl", marker_records(32, seed=1)))
+  cfg.finetune.update(head_dropout=0.1)  # dropout keys must resume too
+  cfg.finetune.lora.rank = 4
+  cfg.train.update(log_every=1, eval_every=6, progress=False)
+  cfg.checkpoint.save_every = 4
+  return cfg
+
+
+def test_fine_tuning_runs_the_one_loop_sigterm_resume_nonfinite_skip_and_workdir_check(
+    tmp_path, monkeypatch):
+  """SIGTERM saves and the resumed fine-tune equals the uninterrupted one bit for bit;
+  train.nonfinite='skip' skips (it raised on the first NaN before); another run's workdir is
+  refused before anything is written."""
+  from test_checkpoint import preempt_at, snapshot  # pylint: disable=import-outside-toplevel
+  base = make_base(tmp_path, "base")
+  one = jax.devices()[:1]
+  straight = str(tmp_path / "straight")
+  finetune.run(_lifecycle_cfg(tmp_path, base), straight, devices=one)
+  with monkeypatch.context() as m:
+    preempt_at(m, 6)  # as after SIGTERM: a checkpoint at step 6, between save points
+    summary = finetune.run(_lifecycle_cfg(tmp_path, base), str(tmp_path / "resumed"), devices=one)
+  assert summary["preempted"] and summary["steps"] == 6
+  assert checkpoint.Reader(str(tmp_path / "resumed")).steps() == [4, 6]
+  finetune.run(_lifecycle_cfg(tmp_path, base), str(tmp_path / "resumed"), devices=one)
+  a = {r["step"]: r for r in metrics.read(straight)}
+  b = {r["step"]: r for r in metrics.read(str(tmp_path / "resumed"))}
+  assert sorted(a) == sorted(b) == list(range(1, 13))
+  assert all(a[s]["loss"] == b[s]["loss"] for s in a), [(a[s]["loss"], b[s]["loss"]) for s in a]
+  assert a[12]["val_loss"] == b[12]["val_loss"]
+  final = [checkpoint.Reader(w).read_all(12) for w in (straight, str(tmp_path / "resumed"))]
+  jax.tree.map(np.testing.assert_array_equal, *final)
+
+  # NaN label weights in the 3rd training batch: the update is skipped and the run goes on.
+  real, seen = loop.feed.HostRows.to_global, {"n": 0}
+
+  def to_global(self, batch, leading=0):
+    batch = dict(batch)
+    if leading == 1:  # a training step's [accum, B, ...] batch
+      seen["n"] += 1
+      if seen["n"] == 3:
+        batch["label_weights"] = np.full_like(batch["label_weights"], np.nan)
+    return real(self, batch, leading)
+
+  monkeypatch.setattr(loop.feed.HostRows, "to_global", to_global)
+  cfg = _lifecycle_cfg(tmp_path, base, steps=6)
+  cfg.train.nonfinite = "skip"
+  summary = finetune.run(cfg, str(tmp_path / "skip"), devices=one)
+  rows = {r["step"]: r for r in metrics.read(str(tmp_path / "skip"))}
+  assert summary["steps"] == 6 and np.isnan(rows[3]["loss"]) and np.isfinite(rows[6]["loss"])
+  monkeypatch.setattr(loop.feed.HostRows, "to_global", real)
+
+  # A pre-training run's workdir, and a fine-tune with another task, are refused untouched.
+  pre = tmp_path / "pretrain"
+  for workdir, edit, message in [
+      (str(pre), None, "holds a pre-training run, and this is a fine-tuning run"),
+      (straight, lambda c: c.finetune.update(peft="adapters"), r"finetune\.peft 'lora' -> "
+       "'adapters'")]:
+    if edit is None:
+      os.makedirs(pre / "checkpoints" / "3")
+      with open(pre / "config.json", "w", encoding="utf-8") as f:
+        json.dump(json.loads(configs.load("tiny").to_json_best_effort()), f)
+    cfg = _lifecycle_cfg(tmp_path, base)
+    if edit:
+      edit(cfg)
+    before = snapshot(workdir)
+    with pytest.raises(ConfigError, match=message):
+      finetune.run(cfg, workdir, devices=one)
+    assert snapshot(workdir) == before
