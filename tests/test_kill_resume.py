@@ -1,6 +1,10 @@
-"""A run killed with SIGKILL and started again continues exactly as if it had never stopped."""
+"""A run killed with SIGKILL and started again continues exactly as if it had never stopped: same
+losses, parameters and optimizer state, bit for bit, with dropout on and along a batch-size ramp."""
 
+import itertools
+import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -10,31 +14,138 @@ import jax
 import numpy as np
 import pytest
 
+from gptjax import checkpoint, metrics, optim, sharding
+from gptjax.train import Trainer
 from test_checkpoint import latest_params, losses_by_step
 from test_loop import corpus_cfg
 
 DRIVER = """
 import sys, jax
 sys.path.insert(0, {tests!r})
-from test_kill_resume import kill_cfg
+import test_kill_resume
 from gptjax import loop
-loop.run(kill_cfg({tmp!r}), sys.argv[1], devices=jax.devices()[:1])
+if {hang!r} is not None:
+  test_kill_resume.hang_before_step({hang!r}, sys.argv[1] + ".hung")
+cfg = getattr(test_kill_resume, {make!r})({tmp!r}, **{options!r})
+loop.run(cfg, sys.argv[1], devices=jax.devices()[:1])
 """
 
 
 def kill_cfg(tmp):
-  import pathlib  # pylint: disable=import-outside-toplevel
   c = corpus_cfg(pathlib.Path(tmp), steps=40)
   c.train.update(log_every=4, eval_every=0, sample_tokens=0)
   c.checkpoint.update(save_every=3, keep=20, async_save=True)
   return c
 
 
-def start(tmp_path, workdir):
-  code = DRIVER.format(tests=os.path.dirname(__file__), tmp=str(tmp_path))
+def dropout_cfg(tmp, rate=0.1):
+  """12 steps, every loss logged, a checkpoint every 4 steps; all three dropouts at `rate`."""
+  c = corpus_cfg(pathlib.Path(tmp), steps=12)
+  c.model.update(embd_dropout=rate, attn_dropout=rate, resid_dropout=rate)
+  c.train.update(log_every=1, eval_every=0, sample_tokens=0)
+  c.checkpoint.update(save_every=4, keep=5, async_save=True)
+  return c
+
+
+def ramp_cfg(tmp):
+  """12 steps of at most 8 sequences of 64 tokens, the first 8 on a GPT-3 batch ramp.
+
+  The micro-batch (0) resolves to the ramp's start, 128 tokens = 2 sequences, so a step takes 1 to
+  4 micro-batches; the ramp grows over 1536 tokens in 4 sizes (1, 2, 3, 4 micro-batches).
+  """
+  c = corpus_cfg(pathlib.Path(tmp), steps=12)
+  c.train.update(global_batch=8, micro_batch=0, log_every=1, eval_every=0, sample_tokens=0)
+  c.optim.update(batch_ramp_start=2 * 64, batch_ramp_tokens=1536, batch_ramp_buckets=4)
+  c.checkpoint.update(save_every=5, keep=5, async_save=True)
+  return c
+
+
+def hang_before_step(step, marker):
+  """Makes this process hang before optimizer step `step` (0-based) of a fresh run, its batch
+  already read, after creating the file `marker`: a test then kills it at a known point."""
+  real, calls = Trainer.step, itertools.count()
+
+  def hanging_step(self, state, batch):
+    if next(calls) == step:
+      open(marker, "w", encoding="utf-8").close()
+      while True:
+        time.sleep(60)
+    return real(self, state, batch)
+
+  Trainer.step = hanging_step
+
+
+def start(tmp_path, workdir, make="kill_cfg", hang=None, **options):
+  code = DRIVER.format(tests=os.path.dirname(__file__), tmp=str(tmp_path), make=make, hang=hang,
+                       options=options)
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
   return subprocess.Popen([sys.executable, "-c", code, workdir], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.fixture
+def launch(tmp_path):
+  """`start` for this test's tmp_path; a run still going when the test ends is killed."""
+  procs = []
+
+  def launch_(workdir, **kwargs):
+    procs.append(start(tmp_path, workdir, **kwargs))
+    return procs[-1]
+
+  yield launch_
+  for p in procs:
+    if p.poll() is None:
+      p.kill()
+      p.communicate()
+
+
+def finish(proc):
+  """Waits for a run started by `start`; returns its output."""
+  out = proc.communicate(timeout=600)[0]
+  assert proc.returncode == 0, out
+  return out
+
+
+def kill_when_hung(proc, workdir, saved_step):
+  """SIGKILLs a run started with `hang` once it hangs and its checkpoint `saved_step` is on disk."""
+  marker, saved = workdir + ".hung", os.path.join(workdir, "checkpoints", str(saved_step))
+  deadline = time.time() + 600
+  while not (os.path.exists(marker) and os.path.isdir(saved)) and proc.poll() is None and (
+      time.time() < deadline):
+    time.sleep(0.05)
+  running = proc.poll() is None
+  proc.send_signal(signal.SIGKILL)
+  out = proc.communicate()[0]
+  assert running and os.path.exists(marker) and os.path.isdir(saved), out
+  assert proc.returncode == -signal.SIGKILL
+
+
+def saved_steps(workdir):
+  return sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+
+
+def latest_state(cfg, workdir):
+  """The whole train state (step, params, optimizer state) of the run's latest checkpoint."""
+  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+    cfg.model.vocab_size = json.load(f)["model"]["vocab_size"]  # as resolved by the tokenizer
+  trainer = Trainer.build(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
+  return checkpoint.Checkpointer(workdir, cfg.checkpoint).restore_latest(trainer.abstract_state)
+
+
+def assert_same_run(cfg, straight, killed):
+  """Every row `killed` logged, before its kill and after its resume, has the loss and tokens of
+  the same step of `straight`, bit for bit, and both end in the same train state and meta."""
+  a = {r["step"]: r for r in metrics.read(straight)}
+  rows = metrics.read(killed)
+  assert sorted(a) == list(range(1, cfg.train.steps + 1)), sorted(a)
+  for key in ("loss", "tokens"):
+    got, want = [r[key] for r in rows], [a[r["step"]][key] for r in rows]
+    first = next((r["step"] for r, g, w in zip(rows, got, want) if g != w), None)
+    np.testing.assert_array_equal(got, want, err_msg=f"{key} of the rows logged at steps "
+                                  f"{[r['step'] for r in rows]}; first differing step: {first}")
+  (s1, m1), (s2, m2) = latest_state(cfg, straight), latest_state(cfg, killed)
+  assert m1 == m2 and m1["step"] == cfg.train.steps
+  jax.tree.map(np.testing.assert_array_equal, s1, s2)
 
 
 @pytest.mark.slow
@@ -85,3 +196,49 @@ def test_sigterm_checkpoints_the_current_step_and_exits_cleanly(tmp_path):
   resumed = start(tmp_path, workdir)
   out = resumed.communicate(timeout=600)[0]
   assert resumed.returncode == 0 and f"resuming from the checkpoint at step {stopped}" in out
+
+
+@pytest.mark.slow
+def test_sigkill_with_dropout_on_resumes_bit_exactly(tmp_path, launch):
+  """Dropout masks come from (seed, step), not from anything a restart loses: a run killed three
+  steps after its checkpoint at 4 and resumed draws the masks of the uninterrupted run."""
+  straight, killed, plain = (str(tmp_path / n) for n in ("straight", "killed", "no_dropout"))
+  others = [launch(straight, make="dropout_cfg"), launch(plain, make="dropout_cfg", rate=0.0)]
+  kill_when_hung(launch(killed, make="dropout_cfg", hang=7), killed, saved_step=4)
+  assert saved_steps(killed) == [4]  # steps 5-7 were done and are lost
+  out = finish(launch(killed, make="dropout_cfg"))
+  assert "resuming from the checkpoint at step 4 " in out
+  for p in others:
+    finish(p)
+
+  assert [r["step"] for r in metrics.read(killed)] == [*range(1, 8), *range(5, 13)]
+  assert_same_run(dropout_cfg(tmp_path), straight, killed)
+  a, b = losses_by_step(straight), losses_by_step(plain)
+  differ = [s for s in a if a[s] != b[s]]
+  assert differ == list(range(1, 13)), (a, b)  # dropout is on: every loss moves without it
+
+
+@pytest.mark.slow
+def test_sigkill_mid_batch_ramp_resumes_bit_exactly(tmp_path, launch):
+  """Killed two steps after its checkpoint at step 5, in the middle of the batch ramp, a run
+  resumes with the ramp's batch sizes and data position and ends as the uninterrupted run."""
+  plan = optim.plan(ramp_cfg(tmp_path))
+  assert plan.micro_batch == 2 and plan.total_steps == 12
+  assert [a for _, a in plan.ramp] == [1, 2, 3, 4]
+  saved, hang = 5, 7
+  assert plan.accum(0) < plan.accum(saved) < plan.accum(hang) < plan.max_accum == 4  # mid-ramp
+  assert plan.ramp[-1][0] < plan.total_steps  # and the run reaches the full batch
+  per_step = [plan.accum(s) * 2 * 64 for s in range(12)]  # micro-batches x sequences x tokens
+
+  straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+  other = launch(straight, make="ramp_cfg")
+  kill_when_hung(launch(killed, make="ramp_cfg", hang=hang), killed, saved_step=saved)
+  assert saved_steps(killed) == [saved]
+  out = finish(launch(killed, make="ramp_cfg"))
+  assert f"resuming from the checkpoint at step {saved} ({sum(per_step[:saved]):,} tokens" in out
+  finish(other)
+
+  tokens = {r["step"]: r["tokens"] for r in metrics.read(straight)}
+  assert [tokens[s] for s in range(1, 13)] == list(itertools.accumulate(per_step))
+  assert [r["step"] for r in metrics.read(killed)] == [*range(1, hang + 1), *range(saved + 1, 13)]
+  assert_same_run(ramp_cfg(tmp_path), straight, killed)
