@@ -31,7 +31,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as keep_lib
 
 from gptjax import layout, optim, optstate
-from gptjax.config import ConfigError
+from gptjax.errors import ConfigError
 
 
 def _handlers() -> dict[str, ocp.CheckpointHandler]:

@@ -17,7 +17,7 @@ EXIT_STATUS = 2  # a project error: the input was wrong, not the program
 # (module, class) of every error whose message names the setting and how to fix it. The modules are
 # not imported here: an error can only have been raised by a module that is already loaded.
 PROJECT_ERRORS = (
-    ("gptjax.config", "ConfigError"),
+    ("gptjax.errors", "ConfigError"),
     ("gptjax.data.errors", "DataError"),
     ("gptjax.distributed", "DistributedError"),
     ("gptjax.evaluate", "EvalError"),

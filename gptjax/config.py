@@ -6,15 +6,12 @@
 import jax
 import ml_collections
 
-from gptjax import model as model_lib
+from gptjax import evaluate, heads, model as model_lib, optim, peft, prune, quantize_spec
+from gptjax.errors import ConfigError
+# Re-exported: the mesh's names and checks live with the meshes.
+from gptjax.sharding import (LOGICAL_AXES, MESH_AXES, mesh_order, mesh_shape,  # noqa: F401
+                             validate_rules)
 
-
-class ConfigError(ValueError):
-  """A setting is invalid; the message names it and says how to fix it."""
-
-
-LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv", "mlp", "vocab", "layers")
-MESH_AXES = ("data", "fsdp", "tensor")
 SCHEDULES = ("cosine", "linear", "constant", "rsqrt", "wsd")
 
 
@@ -56,51 +53,8 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
   _check(m.init_std > 0, "model.init_std", "must be > 0", "GPT-2 uses 0.02.")
 
 
-def validate_rules(rules: ml_collections.ConfigDict) -> None:
-  """Checks the logical-axis -> mesh-axis table."""
-  for logical, target in rules.items():
-    _check(logical in LOGICAL_AXES, f"mesh.rules.{logical}", "is not a logical axis of the model",
-           f"Logical axes are {LOGICAL_AXES}.")
-    for axis in filter(None, target.split(",")):
-      _check(axis in MESH_AXES, f"mesh.rules.{logical}", f"names unknown mesh axis {axis!r}",
-             f"Mesh axes are {MESH_AXES}; separate several with commas, '' = replicated.")
-
-
-def mesh_shape(mesh: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
-  """Resolves the -1 ('the rest') axis and checks the product equals the device count."""
-  sizes = {a: int(mesh[a]) for a in MESH_AXES}
-  free = [a for a, s in sizes.items() if s == -1]
-  _check(len(free) <= 1, "mesh", f"more than one axis is -1 ({free})", "Leave at most one at -1.")
-  for a, s in sizes.items():
-    _check(s == -1 or s >= 1, f"mesh.{a}", f"must be >= 1 or -1, got {s}", "Use -1 for 'the rest'.")
-  fixed = 1
-  for a, s in sizes.items():
-    fixed *= s if s != -1 else 1
-  if free:
-    _check(n_devices % fixed == 0, f"mesh.{free[0]}",
-           f"cannot fill {n_devices} devices: the other axes multiply to {fixed}",
-           "Choose axis sizes whose product divides the device count.")
-    sizes[free[0]] = n_devices // fixed
-  total = sizes["data"] * sizes["fsdp"] * sizes["tensor"]
-  _check(total == n_devices, "mesh",
-         f"data x fsdp x tensor = {sizes['data']} x {sizes['fsdp']} x {sizes['tensor']} = {total}, "
-         f"but there are {n_devices} devices", "Make the product equal the device count (or use -1).")
-  return sizes
-
-
-def mesh_order(mesh: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """`mesh.order` as a tuple of axis names, slowest-varying first; checks it names each axis once."""
-  order = tuple(a.strip() for a in mesh.get("order", ",".join(MESH_AXES)).split(","))
-  _check(sorted(order) == sorted(MESH_AXES), "mesh.order",
-         f"{mesh.get('order')!r} is not an ordering of the mesh axes {MESH_AXES}",
-         "List each of data, fsdp, tensor once, slowest-varying first, e.g. 'tensor,data,fsdp'.")
-  return order
-
-
 def validate_eval(e: ml_collections.ConfigDict) -> None:
   """Checks `cfg.eval`: the task list's syntax (its files are read when the run starts)."""
-  from gptjax import evaluate  # pylint: disable=import-outside-toplevel  (it imports this module)
-
   _check(e.shots >= 0 and e.seed >= 0, "eval.shots/seed", "must be >= 0",
          "Use 0 shots for zero-shot evaluation.")
   try:
@@ -111,9 +65,6 @@ def validate_eval(e: ml_collections.ConfigDict) -> None:
 
 def validate_finetune(f: ml_collections.ConfigDict) -> None:
   """Checks `cfg.finetune` (its files and base are read when a fine-tuning run starts)."""
-  # pylint: disable-next=import-outside-toplevel  (they import this module)
-  from gptjax import heads, peft
-
   _check(f.task in heads.TASKS, "finetune.task", f"unknown task {f.task!r}",
          f"Choose one of {heads.TASKS}.")
   _check(f.peft in peft.METHODS, "finetune.peft", f"unknown method {f.peft!r}",
@@ -150,14 +101,8 @@ def validate_finetune(f: ml_collections.ConfigDict) -> None:
 
 def validate_compress(cfg: ml_collections.ConfigDict) -> None:
   """Checks `cfg.compress`: QAT against the model, distillation weights, the pruning schedule."""
-  # pylint: disable=import-outside-toplevel  (they import this module)
-  from gptjax import prune
-
-  q, kd = cfg.compress.qat, cfg.compress.distill
-  if q.enabled:
-    from gptjax import quantize  # Qwix is only needed when QAT is on
-    quantize.Spec.from_qat_config(q).check(model_lib.ModelArgs.from_config(cfg.model),
-                                           "config.compress.qat")
+  quantize_spec.check(cfg)
+  kd = cfg.compress.distill
   _check(0.0 <= kd.alpha <= 1.0, "compress.distill.alpha", f"must be in [0, 1], got {kd.alpha}",
          "0 = plain LM loss, 1 = only the teacher's distribution.")
   _check(kd.temperature > 0, "compress.distill.temperature", f"must be > 0, got {kd.temperature}",
@@ -174,7 +119,6 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> No
   _check(0 < seq_len <= m.ctx, "train.seq_len", f"{seq_len} exceeds the model context {m.ctx}",
          "Use train.seq_len <= model.ctx (or raise model.ctx).")
   _check(t.global_batch >= 1, "train.global_batch", "must be >= 1", "Set sequences per step.")
-  from gptjax import optim  # pylint: disable=import-outside-toplevel  (it imports this module)
   micro = optim.micro_batch(cfg)  # 0 resolves to the global batch, or to a batch ramp's start
   _check(t.global_batch % micro == 0, "train.micro_batch",
          f"{micro} does not divide global_batch={t.global_batch}",

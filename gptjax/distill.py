@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from gptjax import checkpoint, loss as loss_lib
-from gptjax.config import ConfigError
+from gptjax.errors import ConfigError
 from gptjax.data import tokenizer as tokenizer_lib
 from gptjax.model import GPT, ModelArgs
 

@@ -58,7 +58,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from gptjax import checkpoint, config as config_lib, feed, sharding
+from gptjax import checkpoint, feed, sharding
+from gptjax.errors import ConfigError
 from gptjax.data import pipeline, sources, tokenizer as tokenizer_lib
 from gptjax.model import GPT
 from gptjax.train import Trainer
@@ -499,7 +500,7 @@ def load_run(workdir: str, step: int | None = None, devices=None) -> Restored:
   the data axis."""
   try:
     cfg = checkpoint.read_config(workdir, "--workdir")
-  except config_lib.ConfigError as e:
+  except ConfigError as e:
     raise EvalError(str(e)) from e
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   manager = steps = None
@@ -524,8 +525,8 @@ def load_run(workdir: str, step: int | None = None, devices=None) -> Restored:
   tokenizer = tokenizer_lib.load_or_train(cfg.data, workdir)
   devices = jax.devices() if devices is None else devices
   try:
-    config_lib.mesh_shape(cfg.mesh, len(devices))
-  except config_lib.ConfigError:
+    sharding.mesh_shape(cfg.mesh, len(devices))
+  except ConfigError:
     cfg.mesh.update(data=-1, fsdp=1, tensor=1)
   trainer = Trainer.build(cfg, sharding.make_mesh(cfg.mesh, devices))
   abstract = trainer.abstract_state.params

@@ -31,7 +31,7 @@ import numpy as np
 
 from gptjax import checkpoint, config as config_lib, generate, heads, loss as loss_lib
 from gptjax import hf, loop, peft, sharding
-from gptjax.config import ConfigError
+from gptjax.errors import ConfigError
 from gptjax.data import sft, tokenizer as tokenizer_lib
 from gptjax.model import GPT, ModelArgs
 from gptjax.train import StepConfig, Trainer
@@ -463,7 +463,7 @@ def restore(workdir: str, base: str | None = None, devices=None) -> Restored:
   tokenizer = tokenizer_lib.load_or_train(cfg.data, workdir)
   devices = jax.devices() if devices is None else devices
   try:
-    config_lib.mesh_shape(cfg.mesh, len(devices))
+    sharding.mesh_shape(cfg.mesh, len(devices))
   except ConfigError:
     cfg.mesh.update(data=-1, fsdp=1, tensor=1)
   ft = FineTune.build(cfg, sharding.make_mesh(cfg.mesh, devices))

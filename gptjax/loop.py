@@ -29,7 +29,7 @@ from tqdm import tqdm
 from gptjax import accounting, checkpoint, config as config_lib, generate, metrics as metrics_lib
 from gptjax import evaluate as evaluate_lib, feed, sharding
 from gptjax import distill, train as train_lib
-from gptjax.config import ConfigError
+from gptjax.errors import ConfigError
 from gptjax.data import cache, pipeline, tokenizer as tokenizer_lib
 from gptjax.train import Trainer
 

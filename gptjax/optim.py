@@ -20,7 +20,7 @@ import ml_collections
 import optax
 
 from gptjax import prune
-from gptjax.config import ConfigError
+from gptjax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from gptjax.config import ConfigError
+from gptjax.errors import ConfigError
 
 METHODS = ("none", "lora", "adapters", "prefix")
 # Parameters the model has only when a PEFT method adds them (gptjax/model.py).

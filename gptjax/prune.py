@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from gptjax.config import ConfigError
+from gptjax.errors import ConfigError
 
 METHODS = ("none", "magnitude", "2:4")
 _N, _M = 2, 4  # '2:4': at most N non-zeros in every M

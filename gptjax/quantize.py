@@ -49,55 +49,15 @@ try:
 except ImportError as e:  # an optional dependency
   raise ImportError("gptjax.quantize needs Qwix: pip install -e '.[compress]'") from e
 
-from gptjax import checkpoint, config as config_lib, sharding
-from gptjax.config import ConfigError
+from gptjax import checkpoint, sharding
+from gptjax.errors import ConfigError
 from gptjax.data import tokenizer as tokenizer_lib
 from gptjax.model import GPT, ModelArgs
 
-QTYPES = {8: jnp.int8, 4: jnp.int4}
-LINEARS = r"(.*/)?(qkv|out|fc|proj)"  # module paths of the model's Linear layers
+from gptjax.quantize_spec import LINEARS, METHODS, QTYPES, Spec  # noqa: F401  (re-exported)
+
 _OUT = r"(.*/)?attn/out"
-METHODS = ("__call__", "hidden", "logits", "output_embedding")  # GPT methods Qwix wraps
 _TABLES = ("embedding", "lm_head")  # parameter names of the embedding tables
-
-
-@dataclasses.dataclass(frozen=True)
-class Spec:
-  """How weights are quantized.
-
-  bits: 8 (int8) or 4 (int4).
-  group_size: 0 = one scale per output channel; > 0 = one per this many weights along the
-    contraction axis (subchannel, 'grouped').
-  embeddings: PTQ only: also store the embedding tables quantized (see the module docstring).
-  activations: QAT only: also quantize each Linear's input to int8 (dynamic, per token).
-  """
-
-  bits: int = 8
-  group_size: int = 0
-  embeddings: bool = False
-  activations: bool = False
-
-  @classmethod
-  def from_qat_config(cls, q: ml_collections.ConfigDict) -> "Spec":
-    return cls(bits=q.bits, group_size=q.group_size, activations=q.activations)
-
-  def check(self, args: ModelArgs, setting: str = "quantize") -> None:
-    """Raises ConfigError naming `<setting>.<field>` if this spec cannot quantize the model."""
-    if self.bits not in QTYPES:
-      raise ConfigError(f"{setting}.bits: {self.bits}-bit weights are not supported. Use 8 (int8, "
-                        "per channel) or 4 (int4, best with a group_size).")
-    g = self.group_size
-    if g < 0:
-      raise ConfigError(f"{setting}.group_size: must be >= 0 (0 = per output channel), got {g}.")
-    if g:
-      dims = {"d_model": args.d_model, "d_ff": args.d_ff}
-      bad = [f"{k}={v}" for k, v in dims.items() if v % g]
-      if args.d_head % min(g, args.d_head):
-        bad.append(f"d_head={args.d_head}")
-      if bad:
-        raise ConfigError(f"{setting}.group_size: groups of {g} do not tile the contraction axes "
-                          f"of the Linear layers ({', '.join(bad)}). Use a size dividing d_model, "
-                          "d_ff and d_head (e.g. 32 or 64), or 0 for per-channel scales.")
 
 
 def _tile(spec: Spec, args: ModelArgs, out_layer: bool):
@@ -310,7 +270,7 @@ def load(workdir: str, step: int | None = None, devices=None) -> Quantized:
   spec = Spec(**meta["quantize"])
   devices = jax.devices() if devices is None else devices
   try:
-    config_lib.mesh_shape(cfg.mesh, len(devices))
+    sharding.mesh_shape(cfg.mesh, len(devices))
   except ConfigError:
     cfg.mesh.update(data=-1, fsdp=1, tensor=1)
   mesh, rule_table = sharding.make_mesh(cfg.mesh, devices), sharding.rules(cfg.mesh.rules)

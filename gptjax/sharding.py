@@ -15,9 +15,58 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from gptjax import config as config_lib
+from gptjax.errors import ConfigError
 
-AXES = config_lib.MESH_AXES
+LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv", "mlp", "vocab", "layers")
+MESH_AXES = ("data", "fsdp", "tensor")
+AXES = MESH_AXES
+
+
+def _check(ok: bool, key: str, problem: str, fix: str) -> None:
+  if not ok:
+    raise ConfigError(f"config.{key}: {problem}. {fix}")
+
+
+def validate_rules(rules: ml_collections.ConfigDict) -> None:
+  """Checks the logical-axis -> mesh-axis table."""
+  for logical, target in rules.items():
+    _check(logical in LOGICAL_AXES, f"mesh.rules.{logical}", "is not a logical axis of the model",
+           f"Logical axes are {LOGICAL_AXES}.")
+    for axis in filter(None, target.split(",")):
+      _check(axis in MESH_AXES, f"mesh.rules.{logical}", f"names unknown mesh axis {axis!r}",
+             f"Mesh axes are {MESH_AXES}; separate several with commas, '' = replicated.")
+
+
+def mesh_shape(mesh: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
+  """Resolves the -1 ('the rest') axis and checks the product equals the device count."""
+  sizes = {a: int(mesh[a]) for a in MESH_AXES}
+  free = [a for a, s in sizes.items() if s == -1]
+  _check(len(free) <= 1, "mesh", f"more than one axis is -1 ({free})", "Leave at most one at -1.")
+  for a, s in sizes.items():
+    _check(s == -1 or s >= 1, f"mesh.{a}", f"must be >= 1 or -1, got {s}", "Use -1 for 'the rest'.")
+  fixed = 1
+  for a, s in sizes.items():
+    fixed *= s if s != -1 else 1
+  if free:
+    _check(n_devices % fixed == 0, f"mesh.{free[0]}",
+           f"cannot fill {n_devices} devices: the other axes multiply to {fixed}",
+           "Choose axis sizes whose product divides the device count.")
+    sizes[free[0]] = n_devices // fixed
+  total = sizes["data"] * sizes["fsdp"] * sizes["tensor"]
+  _check(total == n_devices, "mesh",
+         f"data x fsdp x tensor = {sizes['data']} x {sizes['fsdp']} x {sizes['tensor']} = {total}, "
+         f"but there are {n_devices} devices", "Make the product equal the device count (or use -1).")
+  return sizes
+
+
+def mesh_order(mesh: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """`mesh.order` as a tuple of axis names, slowest-varying first; checks it names each axis once."""
+  order = tuple(a.strip() for a in mesh.get("order", ",".join(MESH_AXES)).split(","))
+  _check(sorted(order) == sorted(MESH_AXES), "mesh.order",
+         f"{mesh.get('order')!r} is not an ordering of the mesh axes {MESH_AXES}",
+         "List each of data, fsdp, tensor once, slowest-varying first, e.g. 'tensor,data,fsdp'.")
+  return order
+
 
 
 def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
@@ -29,8 +78,8 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
   'tensor,data,fsdp' makes the tensor axis span processes.
   """
   devices = jax.devices() if devices is None else list(devices)
-  sizes = config_lib.mesh_shape(mesh_cfg, len(devices))
-  order = config_lib.mesh_order(mesh_cfg)
+  sizes = mesh_shape(mesh_cfg, len(devices))
+  order = mesh_order(mesh_cfg)
   if order != AXES:
     ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
     grid = np.asarray(ordered).reshape([sizes[a] for a in order])
@@ -45,7 +94,7 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
 
 def rules(rules_cfg: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
   """The config's rule table as Flax logical-axis rules: ('embed', 'fsdp'), ('kv', None), ..."""
-  config_lib.validate_rules(rules_cfg)
+  validate_rules(rules_cfg)
   out = []
   for logical, target in rules_cfg.items():
     axes = tuple(a for a in target.split(",") if a)

@@ -24,7 +24,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -33,31 +33,12 @@ import tqdm
 from gptjax.data import sources
 from gptjax.data.errors import fail
 
-if TYPE_CHECKING:  # the tokenizer module imports this one
-  from gptjax.data.tokenizer import Tokenizer
+from gptjax.data.files import root, write_atomic  # noqa: F401  (re-exported)
+from gptjax.data.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
 META = "meta.json"
 _BATCH_CHARS = 1 << 22  # characters per encode call: large enough to keep every thread busy
-
-
-def root(d: ml_collections.ConfigDict) -> str:
-  """The cache folder: `data.cache_dir`, else `$GPTJAX_CACHE`, else `~/.cache/gptjax`."""
-  path = d.cache_dir or os.environ.get("GPTJAX_CACHE") or os.path.join("~", ".cache", "gptjax")
-  return os.path.abspath(os.path.expanduser(path))
-
-
-def write_atomic(path: str, data: bytes) -> None:
-  """Writes `data` to `path` via a temporary file and `os.replace`, so readers never see half."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-  try:
-    with open(tmp, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +68,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
   return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
-def load_or_build(d: ml_collections.ConfigDict, tokenizer: "Tokenizer",
+def load_or_build(d: ml_collections.ConfigDict, tokenizer: Tokenizer,
                   corpus: sources.Corpus | None = None) -> TokenCache:
   """The cache entry of `cfg.data` tokenized by `tokenizer`, building it if absent.
 
@@ -132,7 +113,7 @@ def _load(path: str) -> TokenCache:
     return TokenCache(path, json.load(f))
 
 
-def _build(folder: str, corpus: sources.Corpus, tokenizer: "Tokenizer") -> dict[str, Any]:
+def _build(folder: str, corpus: sources.Corpus, tokenizer: Tokenizer) -> dict[str, Any]:
   """Tokenizes every document into `<folder>/{train,val}.npy`; returns the statistics."""
   dtype = token_dtype(tokenizer.vocab_size)
   splits = (sources.TRAIN, sources.VAL)
@@ -177,7 +158,7 @@ def _build(folder: str, corpus: sources.Corpus, tokenizer: "Tokenizer") -> dict[
           "splits": stats, "seconds": round(seconds, 3)}
 
 
-def _encode(batches: Iterable[list[tuple[str, str]]], tokenizer: "Tokenizer",
+def _encode(batches: Iterable[list[tuple[str, str]]], tokenizer: Tokenizer,
             workers: int) -> Iterator[tuple[list[tuple[str, str]], list[list[int]]]]:
   """Yields `(batch, token ids)` in order, encoding up to 2 * `workers` batches at once."""
   if workers <= 1:
@@ -201,7 +182,7 @@ def _encode(batches: Iterable[list[tuple[str, str]]], tokenizer: "Tokenizer",
 _worker_tokenizer = None
 
 
-def _set_worker_tokenizer(tokenizer: "Tokenizer") -> None:
+def _set_worker_tokenizer(tokenizer: Tokenizer) -> None:
   global _worker_tokenizer  # pylint: disable=global-statement
   _worker_tokenizer = tokenizer
 

@@ -21,7 +21,7 @@ import unicodedata
 
 import numpy as np
 
-from gptjax.data import cache
+from gptjax.data import files
 from gptjax.data.errors import fail
 
 EOS_TOKEN = "<|endoftext|>"
@@ -121,7 +121,7 @@ class GPT2BPETokenizer:
     merges = sorted(self._ranks, key=self._ranks.get)
     for name, text in ((VOCAB_FILE, json.dumps(self._encoder, ensure_ascii=False)),
                        (MERGES_FILE, "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))):
-      cache.write_atomic(os.path.join(path, name), text.encode("utf-8"))
+      files.write_atomic(os.path.join(path, name), text.encode("utf-8"))
 
   def _bpe(self, word: str) -> list[int]:
     """Token ids of one pre-tokenized word (already mapped to byte characters)."""

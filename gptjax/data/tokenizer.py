@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 import sentencepiece as spm
 
-from gptjax.data import cache
+from gptjax.data import files
 from gptjax.data import gpt2_bpe
 from gptjax.data import sources
 from gptjax.data.errors import fail
@@ -104,7 +104,7 @@ class SentencePieceTokenizer:
 
   def save(self, path: str) -> None:
     """Writes the model to `path` atomically."""
-    cache.write_atomic(path, self.model_proto)
+    files.write_atomic(path, self.model_proto)
 
   def encode(self, text: str) -> list[int]:
     """Token ids of `text` (no BOS/EOS added)."""
@@ -190,7 +190,7 @@ def _train_cached(d: ml_collections.ConfigDict) -> SentencePieceTokenizer:
   key = {"corpus": corpus.fingerprint, "vocab_size": tk.vocab_size, "model_type": tk.model_type,
          "train_chars": tk.train_chars, "trainer": TRAINER_VERSION, "spm": spm.__version__}
   digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-  path = os.path.join(cache.root(d), "tokenizers", f"{digest}.model")
+  path = os.path.join(files.root(d), "tokenizers", f"{digest}.model")
   if os.path.isfile(path):
     with open(path, "rb") as f:
       proto = f.read()
@@ -199,7 +199,7 @@ def _train_cached(d: ml_collections.ConfigDict) -> SentencePieceTokenizer:
     return SentencePieceTokenizer(proto, origin=f"{info['origin']}; cached at {path}")
   tok = train(corpus, vocab_size=tk.vocab_size, model_type=tk.model_type,
               train_chars=tk.train_chars)
-  cache.write_atomic(path + ".json", json.dumps({"origin": tok.origin, "settings": key}).encode())
+  files.write_atomic(path + ".json", json.dumps({"origin": tok.origin, "settings": key}).encode())
   tok.save(path)
   return tok
 
