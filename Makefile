@@ -8,7 +8,7 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 WORKDIR ?= runs/quickstart
 PYTEST_ARGS ?= -n 2 -q
 
-.PHONY: setup setup-dev train test test-slow bench presets clean
+.PHONY: setup setup-dev train test test-slow lint bench presets clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -37,6 +37,10 @@ test: setup-dev
 # Long end-to-end tests (learning, kill/resume); a separate CI step.
 test-slow: setup-dev
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+# ruff: pycodestyle errors and warnings, pyflakes (settings in pyproject.toml); a CI step.
+lint: setup-dev
+	$(BIN)/ruff check
 
 presets: setup
 	$(BIN)/python scripts/presets.py
