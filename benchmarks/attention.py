@@ -8,17 +8,13 @@ Prints the best-of-N milliseconds of each and checks that both give the same out
 """
 
 import argparse
-import os
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from gptjax import model  # pylint: disable=wrong-import-position
+from gptjax import model
 
 
 def main():

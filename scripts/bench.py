@@ -11,14 +11,12 @@ Reports tokens/s (median over timed steps), step and compile time, FLOPs per tok
 
 import json
 import os
-import sys
+import runpy
 
 from absl import flags
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from gptjax import bench, cli  # pylint: disable=wrong-import-position
+from gptjax import bench, cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/cpu_bench.py", "Config file.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (median reported).")
@@ -28,14 +26,16 @@ _REFERENCE = flags.DEFINE_enum("reference", "none", ["none", "torch"],
 _PEAK = flags.DEFINE_float("peak_flops", 0.0, "Peak FLOP/s per device for MFU (0 = known kinds).")
 _MATMUL = flags.DEFINE_list("matmul", [str(d) for d in bench.MATMUL_SHAPE],
                             "M,K,N of the ceiling matmul ([M,K] @ [K,N]); empty = skip.")
+_TORCH_REFERENCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "benchmarks", "torch_reference.py")
 
 
 def main(argv):
   del argv
   reference = None
   if _REFERENCE.value == "torch":
-    from benchmarks import torch_reference  # pylint: disable=import-outside-toplevel
-    reference = torch_reference.make_train_step
+    # benchmarks/ is not an installed package: run the file from this checkout (it imports torch).
+    reference = runpy.run_path(_TORCH_REFERENCE)["make_train_step"]
   result = bench.run(_CONFIG.value, steps=_STEPS.value, warmup=_WARMUP.value,
                      matmul_shape=tuple(int(d) for d in _MATMUL.value) or None,
                      reference=reference, reference_name=_REFERENCE.value,

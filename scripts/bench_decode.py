@@ -12,9 +12,7 @@ every step) is timed at `--recompute_batch_sizes` only, as it is slow. Prints on
 
 import dataclasses
 import json
-import os
 import statistics
-import sys
 import time
 
 import flax.linen as nn
@@ -23,10 +21,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from gptjax import cli, generate  # pylint: disable=wrong-import-position
-from gptjax.model import GPT, ModelArgs  # pylint: disable=wrong-import-position
+from gptjax import cli, generate
+from gptjax.model import GPT, ModelArgs
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/gpt2.py:small", "Model preset.")
 _BATCH = flags.DEFINE_list("batch_sizes", ["1", "16"], "Rows decoded together, KV-cache path.")

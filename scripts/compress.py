@@ -27,7 +27,6 @@ import copy
 import json
 import os
 import statistics
-import sys
 import time
 
 import jax
@@ -35,9 +34,6 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-# pylint: disable=wrong-import-position
 from configs import base
 from gptjax import checkpoint, cli, config, evaluate, generate, loop, quantize
 from gptjax.data import tokenizer as tokenizer_lib

@@ -29,14 +29,14 @@ if __name__ == "__main__":
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_force_host_platform_device_count={_early_devices(sys.argv)}")
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# After the environment above: JAX reads XLA_FLAGS and JAX_PLATFORMS when it is first imported.
 # pylint: disable=wrong-import-position
-from absl import flags, logging
-from ml_collections import config_flags
+from absl import flags, logging  # noqa: E402 (after the XLA_FLAGS setup)
+from ml_collections import config_flags  # noqa: E402 (after the XLA_FLAGS setup)
 
-from gptjax import cli, plan
-from gptjax.config import ConfigError
+from gptjax import cli, plan  # noqa: E402 (after the XLA_FLAGS setup)
+from gptjax.config import ConfigError  # noqa: E402 (after the XLA_FLAGS setup)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Preset, e.g. configs/gpt3.py:175b.",
                                           lock_config=True)

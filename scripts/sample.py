@@ -16,7 +16,6 @@ layer on load).
 
 import dataclasses
 import os
-import sys
 import time
 
 import flax.linen as nn
@@ -25,9 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-# pylint: disable=wrong-import-position
 from gptjax import checkpoint, cli, generate, hf, layout
 from gptjax.config import ConfigError
 from gptjax.data import gpt2_bpe, tokenizer as tokenizer_lib
