@@ -32,7 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.embd_dropout = 0.1  # dropout on token + position embeddings
   m.attn_dropout = 0.1  # dropout on attention probabilities
   m.resid_dropout = 0.1  # dropout on each sub-block's output before the residual add
-  m.init_std = 0.02  # N(0, init_std) for weights; residual projections get init_std / sqrt(2 * n_layers)
+  m.init_std = 0.02  # N(0, init_std) weights; residual projections: init_std / sqrt(2 * n_layers)
   m.scan_layers = True  # nn.scan over layers (fast compile) instead of an unrolled Python loop
   m.remat = "none"  # activation checkpointing: 'none', 'full', 'dots', 'dots_no_batch', 'qkv_attn'
   m.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (params and loss stay float32)
@@ -74,7 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.z_loss = 0.0  # weight of the z-loss (log Z)^2 that keeps the softmax normaliser near 1
   t.sample_tokens = 64  # tokens generated at the end of the run (0 = no samples)
   t.progress = True  # tqdm progress bar on process 0
-  t.nonfinite = "stop"  # NaN/inf loss or gradient: 'stop' (keep checkpoints, exit) or 'skip' the update
+  t.nonfinite = "stop"  # NaN/inf loss or grad: 'stop' (keep checkpoints, exit) or 'skip' the update
   t.max_skips = 10  # 'skip': abort after this many consecutive non-finite steps
 
   # ---- downstream evaluation during training (gptjax/evaluate.py) ---------------------------
@@ -113,12 +113,12 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---- checkpoints (gptjax/checkpoint.py) --------------------------------------------------
   ck = c.checkpoint = ml_collections.ConfigDict()
-  ck.save_every = 500  # steps between checkpoints (the end of the run is always saved; 0 = end only)
+  ck.save_every = 500  # steps between checkpoints (the run's end is always saved; 0 = end only)
   ck.keep = 3  # most recent checkpoints kept
   ck.keep_best = 1  # also keep this many best by validation loss (0 = off)
   ck.async_save = True  # write checkpoints in the background while training goes on
   ck.restore_from = ""  # start from another run's weights (not its optimizer): its workdir
-  ck.start_over = False  # True: start at step 0 although every checkpoint was unreadable (moved aside)
+  ck.start_over = False  # True: start at step 0 when every checkpoint was unreadable (moved aside)
 
   # ---- optimizer (gptjax/optim.py) ----------------------------------------------------------
   o = c.optim = ml_collections.ConfigDict()
@@ -136,7 +136,7 @@ def get_config() -> ml_collections.ConfigDict:
   o.decay_tokens = 0  # the same in tokens (GPT-3: 260B); overrides decay_steps
   o.final_lr_fraction = 0.1  # floor of the decay, as a fraction of peak_lr (GPT-3: 0.1)
   o.wsd_decay_fraction = 0.2  # 'wsd': fraction of the run spent in the final linear decay
-  o.batch_ramp_tokens = 0  # GPT-3 batch ramp: grow the batch linearly over this many tokens (0 = off)
+  o.batch_ramp_tokens = 0  # GPT-3 batch ramp: batch grows linearly over this many tokens (0 = off)
   o.batch_ramp_start = 32768  # batch size in tokens at the start of the ramp (GPT-3: 32k)
   o.batch_ramp_buckets = 4  # distinct batch sizes on the ramp (each compiles once)
 
@@ -167,7 +167,7 @@ def get_config() -> ml_collections.ConfigDict:
   # id). The default keeps tensor groups within a host (fast links) and spans hosts with data;
   # e.g. 'tensor,data,fsdp' makes the tensor axis span processes.
   mesh.order = "data,fsdp,tensor"
-  # Logical axis -> mesh axes. One table serves DP, FSDP, TP and mixes: an axis of size 1 is a no-op.
+  # Logical axis -> mesh axes. One table serves DP, FSDP, TP and mixes (a size-1 axis is a no-op).
   r = mesh.rules = ml_collections.ConfigDict()
   r.batch = "data,fsdp"
   r.length = ""
@@ -187,7 +187,8 @@ def from_size(family: str, name: str = "") -> ml_collections.ConfigDict:
   s = sizes.lookup(family, name)
   c = get_config()
   c.name = f"{family}-{name}" if name else family
-  c.model.n_layers, c.model.d_model, c.model.n_heads, c.model.d_head = s.layers, s.d_model, s.heads, s.d_head
+  c.model.n_layers, c.model.d_model = s.layers, s.d_model
+  c.model.n_heads, c.model.d_head = s.heads, s.d_head
   c.model.ctx, c.model.vocab_size, c.model.norm = s.ctx, s.vocab, s.norm
   c.train.global_batch = s.batch
   c.optim.peak_lr = s.lr

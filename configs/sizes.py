@@ -54,5 +54,6 @@ def lookup(family: str, name: str) -> Size:
   if key not in SIZES:
     choices = sorted(k.split("-", 1)[1] for k in SIZES if k.startswith(family + "-"))
     raise ValueError(
-        f"Unknown {family} preset {name!r}; choose one of {choices} (e.g. --config=configs/{family}.py:{choices[0] if choices else ''}).")
+        f"Unknown {family} preset {name!r}; choose one of {choices} "
+        f"(e.g. --config=configs/{family}.py:{choices[0] if choices else ''}).")
   return SIZES[key]

@@ -37,7 +37,7 @@ def peak_flops_of(device) -> float | None:
 
 
 def abstract_params(args: model_lib.ModelArgs, seq_len: int = 8):
-  """Parameter shapes as `jax.ShapeDtypeStruct`s (boxed with logical axes), from `jax.eval_shape`."""
+  """Parameter shapes as `jax.ShapeDtypeStruct`s (boxed with logical axes) from `jax.eval_shape`."""
   model = model_lib.GPT(args)
   tokens = jax.ShapeDtypeStruct((1, min(seq_len, args.ctx)), jnp.int32)
   return jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)["params"]

@@ -1,4 +1,4 @@
-"""Train-step throughput: tokens/s, compile time, MFU, and the fraction of the machine's matmul speed.
+"""Train-step throughput: tokens/s, compile time, MFU, the fraction of the machine's matmul speed.
 
     result = bench.measure_train_step(cfg, steps=10, warmup=2)       # one dict, JSON-ready
     result = bench.run(cfg, steps=10, warmup=2, reference=make_torch_step)
@@ -154,7 +154,8 @@ def run(cfg: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2,
   if matmul_shape:
     matmul_flops = matmul_flop / med["matmul"]
     out.update({"matmul_shape": list(matmul_shape), "matmul_gflops": round(matmul_flops / 1e9, 1),
-                "matmul_fraction": round(tokens_per_s * flops_token / len(devices) / matmul_flops, 3)})
+                "matmul_fraction": round(
+                    tokens_per_s * flops_token / len(devices) / matmul_flops, 3)})
   if reference is not None:
     ref_tokens_per_s = tokens / med[reference_name]
     out.update({f"{reference_name}_tokens_per_s": round(ref_tokens_per_s, 1),

@@ -184,7 +184,7 @@ class Checkpointer:
     if opt.match.fresh or opt.match.dropped:
       opt_state = _fill_fresh(opt_state, abstract_state, params, stored_opt=saved_opt, plan=plan,
                               init_opt_state=init_opt_state, step=meta["step"])
-      _log_once(f"optimizer state restored by parameter path; "
+      _log_once("optimizer state restored by parameter path; "
                 + (f"started fresh (no counterpart in the checkpoint): "
                    f"{optstate.describe(opt.match.fresh)}" if opt.match.fresh else "")
                 + ("; " if opt.match.fresh and opt.match.dropped else "")
@@ -240,8 +240,8 @@ _TRANSIENT_WORDS = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "A
 def is_transient(error: BaseException) -> bool:
   """Whether a read error may pass on a retry (I/O, network, timeout) rather than show damage.
 
-  Missing files (an incomplete checkpoint) and data errors (truncated or garbled bytes: TensorStore's
-  OUT_OF_RANGE, DATA_LOSS, decoding errors) are damage.
+  Missing files (an incomplete checkpoint) and data errors (truncated or garbled bytes:
+  TensorStore's OUT_OF_RANGE, DATA_LOSS, decoding errors) are damage.
   """
   if isinstance(error, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
     return False
@@ -394,7 +394,8 @@ def check_shapes(stored, expected, what: str) -> None:
          for k in sorted(set(stored_flat) | set(expected_flat))
          if tuple(stored_flat.get(k) or ()) != tuple(expected_flat.get(k) or ())]
   if bad:
-    raise ConfigError(f"{what} does not fit this model; mismatched parameters: " + "; ".join(bad[:8])
+    raise ConfigError(f"{what} does not fit this model; mismatched parameters: "
+                      + "; ".join(bad[:8])
                       + (f" (and {len(bad) - 8} more)" if len(bad) > 8 else "")
                       + ". Use the model config it was trained with, or a new workdir.")
 

@@ -60,7 +60,7 @@ import orbax.checkpoint as ocp
 
 from gptjax import checkpoint, feed, sharding
 from gptjax.errors import ConfigError
-from gptjax.data import pipeline, sources, tokenizer as tokenizer_lib
+from gptjax.data import sources, tokenizer as tokenizer_lib
 from gptjax.model import GPT
 from gptjax.train import Trainer
 

@@ -1,4 +1,4 @@
-"""Which rows of every global batch this process loads, derived from the mesh, and the global arrays.
+"""Which rows of each global batch this process loads, derived from the mesh, and the global arrays.
 
 A global batch [B, ...] is sharded over the mesh axes of the `batch` logical axis (`data`, `fsdp`).
 Each device holds the rows of its batch shard; devices that differ only along the other axes

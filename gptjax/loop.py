@@ -184,7 +184,7 @@ def data_fingerprint(cfg: ml_collections.ConfigDict, tokenizer) -> str:
 
 
 def _check_same_tokenizer(cfg: ml_collections.ConfigDict, other: str, tokenizer) -> None:
-  """Refuses weights of a run trained with another tokenizer: its embedding rows mean other tokens."""
+  """Refuses weights trained with another tokenizer: their embedding rows mean other tokens."""
   run_dir = os.path.dirname(os.path.abspath(other)) if os.path.basename(
       os.path.normpath(other)) == "checkpoints" else other
   if not any(os.path.exists(os.path.join(run_dir, name)) for name in (

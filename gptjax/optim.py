@@ -1,8 +1,8 @@
 """AdamW with a learning-rate schedule, clipping and a weight-decay mask, all from Optax.
 
-Lengths (warmup, decay, the run itself) may be given in steps or tokens; `RunPlan` turns tokens into
-steps, taking the GPT-3 batch-size ramp into account (the batch grows in whole micro-batches, so each
-distinct size compiles once).
+Lengths (warmup, decay, the run itself) may be given in steps or tokens; `RunPlan` turns tokens
+into steps, taking the GPT-3 batch-size ramp into account (the batch grows in whole micro-batches,
+so each distinct size compiles once).
 
 The ramp needs micro-batches no larger than its first batch. So with `optim.batch_ramp_tokens` on
 and `train.micro_batch = 0`, the micro-batch resolves to the ramp's start

@@ -92,4 +92,5 @@ def match(target: Any, saved: Any) -> Match:
 def describe(roles: Sequence[tuple[str, ...]], limit: int = 6) -> str:
   """A short list of roles for a one-line message: 'notfinite_count, masks/wte/embedding, ...'."""
   names = sorted({"/".join(r) for r in roles})
-  return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+  more = f" and {len(names) - limit} more" if len(names) > limit else ""
+  return ", ".join(names[:limit]) + more

@@ -249,8 +249,9 @@ def make(cfg: ml_collections.ConfigDict, n_devices: int, device_kind: str = "h10
     suggestion = None  # nothing better than what was asked for
   return Report(
       name=cfg.name, n_devices=n_devices, device_kind=device_kind, mesh=sizes, remat=args.remat,
-      dtype=str(cfg.model.dtype), params=accounting.param_counts(args).total, flops_per_token=flops_token,
-      seq_len=seq_len, micro_batch=micro, accum=accum, tokens_per_step=tokens_step,
+      dtype=str(cfg.model.dtype), params=accounting.param_counts(args).total,
+      flops_per_token=flops_token, seq_len=seq_len, micro_batch=micro, accum=accum,
+      tokens_per_step=tokens_step,
       flops_per_step=flops_token * tokens_step,
       estimate={**dataclasses.asdict(est), "total": est.total}, compiled=compiled,
       compile_s=compile_s, device_memory=memory, fits=fits, mfu=mfu, step_s=step_s,

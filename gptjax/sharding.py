@@ -55,12 +55,13 @@ def mesh_shape(mesh: ml_collections.ConfigDict, n_devices: int) -> dict[str, int
   total = sizes["data"] * sizes["fsdp"] * sizes["tensor"]
   _check(total == n_devices, "mesh",
          f"data x fsdp x tensor = {sizes['data']} x {sizes['fsdp']} x {sizes['tensor']} = {total}, "
-         f"but there are {n_devices} devices", "Make the product equal the device count (or use -1).")
+         f"but there are {n_devices} devices",
+         "Make the product equal the device count (or use -1).")
   return sizes
 
 
 def mesh_order(mesh: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """`mesh.order` as a tuple of axis names, slowest-varying first; checks it names each axis once."""
+  """`mesh.order` as axis names, slowest-varying first; checks that it names each axis once."""
   order = tuple(a.strip() for a in mesh.get("order", ",".join(MESH_AXES)).split(","))
   _check(sorted(order) == sorted(MESH_AXES), "mesh.order",
          f"{mesh.get('order')!r} is not an ordering of the mesh axes {MESH_AXES}",

@@ -1,12 +1,13 @@
 """Times the full train step (forward, backward, AdamW) and prints one JSON line.
 
 Usage:
-  python scripts/bench.py                                  # the fixed CPU config (configs/cpu_bench.py)
-  python scripts/bench.py --reference=torch                # also the PyTorch eager reference, and the ratio
+  python scripts/bench.py                    # the fixed CPU config (configs/cpu_bench.py)
+  python scripts/bench.py --reference=torch  # also the PyTorch eager reference, and the ratio
   python scripts/bench.py --config=configs/gpt3.py:small --config.train.global_batch=8 --steps=5
 
-Reports tokens/s (median over timed steps), step and compile time, FLOPs per token (PaLM), MFU (with
---peak_flops or on a known accelerator), and the fraction of a large matmul's FLOP/s the step reaches.
+Reports tokens/s (median over timed steps), step and compile time, FLOPs per token (PaLM), MFU
+(with --peak_flops or on a known accelerator), and the fraction of a large matmul's FLOP/s the
+step reaches.
 """
 
 import json

@@ -1,7 +1,7 @@
 """Checkpoint save cost for a preset: time the step loop is blocked, total write time, size on disk.
 
   python scripts/bench_checkpoint.py --config=configs/gpt2.py:small --workdir=/tmp/ckbench
-Prints one JSON line. The state is real (initialised params and AdamW moments) on this host's devices.
+Prints one JSON line. The state is real (initialised params, AdamW moments) on this host's devices.
 """
 
 import json
@@ -33,11 +33,13 @@ def main(argv):
   ckpt.wait()
   total = time.perf_counter() - t0
   ckpt.close()
-  size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(ckpt.directory) for f in fs)
+  size = sum(os.path.getsize(os.path.join(r, f))
+             for r, _, fs in os.walk(ckpt.directory) for f in fs)
   t0 = time.perf_counter()
   jax.block_until_ready(checkpoint.Checkpointer(_WORKDIR.value, cfg.checkpoint)
                         .restore_latest(trainer.abstract_state)[0])
-  print(json.dumps({"preset": cfg.name, "params": sum(x.size for x in jax.tree.leaves(state.params)),
+  print(json.dumps({"preset": cfg.name,
+                    "params": sum(x.size for x in jax.tree.leaves(state.params)),
                     "async": cfg.checkpoint.async_save, "blocked_s": round(blocked, 3),
                     "save_s": round(total, 3), "restore_s": round(time.perf_counter() - t0, 3),
                     "size_mb": round(size / 2**20, 1)}))

@@ -15,7 +15,8 @@ from gptjax import cli, distributed, finetune
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Preset file, e.g. configs/finetune_sft.py:lora.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config, checkpoints, metrics, logs.")
+_WORKDIR = flags.DEFINE_string("workdir", None,
+                               "Run directory: config, checkpoints, metrics, logs.")
 distributed.define_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 

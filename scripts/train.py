@@ -1,7 +1,8 @@
 """Trains a GPT as the config says.
 
   python scripts/train.py --config=configs/tiny.py --workdir=runs/tiny
-  python scripts/train.py --config=configs/gpt3.py:small --workdir=runs/x --config.optim.peak_lr=3e-4
+  python scripts/train.py --config=configs/gpt3.py:small --workdir=runs/x \\
+      --config.optim.peak_lr=3e-4
 
 Multi-process (one command per process; on TPU VMs, SLURM `srun` and `mpirun` the three flags can be
 left out, and scripts/launch/ has templates):
@@ -13,9 +14,10 @@ from ml_collections import config_flags
 
 from gptjax import cli, distributed, loop
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Preset file, e.g. configs/gpt3.py:small.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config, checkpoints, metrics, logs.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Preset file, e.g. configs/gpt3.py:small.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None,
+                               "Run directory: config, checkpoints, metrics, logs.")
 distributed.define_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 

@@ -162,7 +162,8 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path):
   assert os.path.isdir(target), proc.communicate()[0]
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  steps_saved = sorted(int(s) for s in os.listdir(os.path.join(killed, "checkpoints")) if s.isdigit())
+  steps_saved = sorted(int(s) for s in os.listdir(os.path.join(killed, "checkpoints"))
+                       if s.isdigit())
   assert steps_saved[-1] < 40, "the run finished before it could be killed"
 
   resumed = start(tmp_path, killed)

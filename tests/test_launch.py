@@ -17,7 +17,8 @@ RENDER = os.path.join(ROOT, "scripts", "launch", "render.py")
 
 
 def render(*flags: str) -> str:
-  out = subprocess.run([sys.executable, RENDER, *flags], capture_output=True, text=True, check=False)
+  out = subprocess.run([sys.executable, RENDER, *flags], capture_output=True, text=True,
+                       check=False)
   assert out.returncode == 0, out.stderr
   return out.stdout
 
@@ -92,5 +93,6 @@ def test_k8s_indexed_job():
      "is not key=value"),
 ])
 def test_bad_flags(flags, message):
-  out = subprocess.run([sys.executable, RENDER, *flags], capture_output=True, text=True, check=False)
+  out = subprocess.run([sys.executable, RENDER, *flags], capture_output=True, text=True,
+                       check=False)
   assert out.returncode != 0 and message in out.stderr

@@ -113,7 +113,8 @@ def test_blocked_causal_attention_equals_one_masked_product(length, window, segm
   i, j = np.arange(length)[:, None], np.arange(length)[None, :]
   allowed = (j <= i) & ((i - j < window) if window else True)
   allowed = allowed[None, None] & (
-      (np.asarray(seg)[:, None, :, None] == np.asarray(seg)[:, None, None, :]) if segments else True)
+      (np.asarray(seg)[:, None, :, None] == np.asarray(seg)[:, None, None, :])
+      if segments else True)
   s = np.einsum("bqnh,bknh->bnqk", q, k) / np.sqrt(8)
   w = np.exp(np.where(allowed, s, -np.inf) - np.where(allowed, s, -np.inf).max(-1, keepdims=True))
   expect = np.einsum("bnqk,bknh->bqnh", w / w.sum(-1, keepdims=True), v)
@@ -198,8 +199,9 @@ def plain_loss_and_grads():
   return params, tokens, loss, grads
 
 
+# Every remat policy, scanned and unrolled, but ("none", scanned): that one is the reference.
 VARIANTS = [(remat, scan) for remat in ("none", "full", "dots", "dots_no_batch", "qkv_attn")
-            for scan in (True, False) if (remat, scan) != ("none", True)]  # that one is the reference
+            for scan in (True, False) if (remat, scan) != ("none", True)]
 
 
 @pytest.mark.parametrize("remat, scan_layers", VARIANTS)

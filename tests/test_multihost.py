@@ -45,8 +45,9 @@ def flags_for(tmp_path, mesh: dict) -> list[str]:
          f"--config.model.n_layers={m.n_layers}", f"--config.model.d_model={m.d_model}",
          "--config.model.n_heads=4", f"--config.model.ctx={m.ctx}",
          f"--config.train.global_batch={t.global_batch}", f"--config.train.steps={STEPS}",
-         "--config.train.log_every=1", "--config.train.eval_every=3", "--config.train.eval_batches=2",
-         "--config.train.sample_tokens=0", "--config.train.progress=False",
+         "--config.train.log_every=1", "--config.train.eval_every=3",
+         "--config.train.eval_batches=2", "--config.train.sample_tokens=0",
+         "--config.train.progress=False",
          "--config.optim.warmup_steps=2", "--config.optim.peak_lr=3e-3",
          "--config.checkpoint.save_every=3"]
   return out + mesh_flags(mesh)
@@ -181,8 +182,9 @@ def test_evaluation_and_fine_tuning_across_processes_with_tensor_spanning_them(t
               f"--config.finetune.base={base}", f"--config.finetune.train_path={data}/mc.jsonl",
               f"--config.finetune.val_path={data}/mc.jsonl", "--config.finetune.delimiter=",
               "--config.finetune.epochs=0", "--config.finetune.warmup_fraction=0",
-              "--config.train.steps=4", "--config.train.global_batch=8", "--config.train.log_every=1",
-              "--config.train.progress=False", "--config.optim.warmup_steps=1",
+              "--config.train.steps=4", "--config.train.global_batch=8",
+              "--config.train.log_every=1", "--config.train.progress=False",
+              "--config.optim.warmup_steps=1",
               "--config.optim.peak_lr=1e-3", *mesh_flags({"tensor": 2})]
   tuned = {}
   for n in (1, 2):

@@ -1,7 +1,6 @@
 """The run planner: the real sharded step compiled for abstract arrays on fake devices, its memory
 checked against an independent per-device count, suggestions that fit, and early errors."""
 
-import dataclasses
 import math
 import os
 import subprocess
@@ -113,7 +112,8 @@ def test_the_benchmark_times_the_training_step(teacher_dir):
   cfg.data.document_mask = True
   cfg.compress.distill.teacher = teacher_dir
   batch = bench.random_batch(cfg)
-  assert sorted(batch) == ["inputs", "segment_ids", "targets"] and batch["inputs"].shape == (2, 8, 64)
+  assert sorted(batch) == ["inputs", "segment_ids", "targets"]
+  assert batch["inputs"].shape == (2, 8, 64)
   step, info = bench.make_train_step(cfg, jax.devices()[:8])
   frozen = info["trainer"].abstract_state.frozen
   assert sum(x.size for x in jax.tree.leaves(frozen)) == closed_form(3, 128, 512, 64)
@@ -148,7 +148,7 @@ def test_a_preset_that_does_not_fit_gets_a_suggestion_that_does():
 
 
 def test_the_report_uses_the_micro_batch_of_the_ramp():
-  """GPT-3 presets step in 32k-token micro-batches (the batch ramp's start), and so does the plan."""
+  """GPT-3 presets step in 32k-token micro-batches (the batch ramp's start) and so does the plan."""
   cfg = configs.load("gpt3:small")
   report = plan.make(cfg, 8, "h100", compile_step=False)
   assert (report.micro_batch, report.accum, report.tokens_per_step) == (16, 16, 256 * 2048)

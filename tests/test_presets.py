@@ -44,7 +44,8 @@ def test_architecture_choices_follow_the_papers():
   assert (gpt1.model.norm, gpt1.model.ctx, gpt1.model.vocab_size) == ("post", 512, 40478)
   assert (gpt2.model.norm, gpt2.model.ctx, gpt2.model.attention) == ("pre", 1024, "dense")
   assert (gpt3.model.ctx, gpt3.model.attention) == (2048, "alternating")
-  assert (gpt3.optim.b1, gpt3.optim.b2, gpt3.optim.eps, gpt3.optim.clip_norm) == (0.9, 0.95, 1e-8, 1.0)
+  assert ((gpt3.optim.b1, gpt3.optim.b2, gpt3.optim.eps, gpt3.optim.clip_norm)
+          == (0.9, 0.95, 1e-8, 1.0))
   assert gpt3.optim.warmup_tokens == 375_000_000 and gpt3.optim.decay_tokens == 260_000_000_000
 
 

@@ -20,7 +20,10 @@ import pytest
 from gptjax import checkpoint, loop, metrics, optstate, sharding
 from gptjax.config import ConfigError
 from gptjax.train import Trainer
-from test_checkpoint import nan_at_step, preempt_at, snapshot  # pylint: disable=unused-import
+# nan_at_step is a pytest fixture: pytest finds it by name in this module, so the import stays
+# although only a test's parameter of the same name (F811 there) uses it.
+from test_checkpoint import nan_at_step  # noqa: F401  pylint: disable=unused-import
+from test_checkpoint import preempt_at, snapshot
 from test_loop import corpus_cfg
 
 pytestmark = pytest.mark.slow
@@ -111,7 +114,7 @@ def test_changed_optimizer_settings_resume_from_the_latest_checkpoint(runs, tmp_
   assert all(key in changed for key in change), changed
 
 
-def test_nan_stop_then_resume_with_skip(runs, tmp_path, nan_at_step):
+def test_nan_stop_then_resume_with_skip(runs, tmp_path, nan_at_step):  # noqa: F811 (the fixture)
   tmp, reference, _ = runs
   workdir = str(tmp_path / "nan")
   nan_at_step(7)  # the 7th training batch of this process gets NaN weights

@@ -1,6 +1,5 @@
-"""The sharded train step: equal losses under every mesh layout, exact accumulation, the optimizer."""
+"""The sharded train step: equal losses in every mesh layout, exact accumulation, the optimizer."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -104,7 +103,8 @@ def test_vocab_parallel_cross_entropy_equals_plain_and_never_gathers_logits():
 
 
 def test_decay_mask_excludes_exactly_biases_layernorms_and_embeddings():
-  trainer = train.Trainer.build(small_cfg(), sharding.make_mesh(small_cfg().mesh, jax.devices()[:1]))
+  trainer = train.Trainer.build(small_cfg(),
+                                sharding.make_mesh(small_cfg().mesh, jax.devices()[:1]))
   params = trainer.init_state().params
   flat = jax.tree_util.tree_flatten_with_path(optim.decay_mask(params, decay_embeddings=False))[0]
   decayed = {"/".join(getattr(k, "key", "") for k in p) for p, v in flat if v}
@@ -140,7 +140,8 @@ def test_warmup_and_decay_in_tokens_follow_the_batch_ramp():
   plan = optim.plan(c)
   sizes = [a for _, a in plan.ramp]
   assert sizes == sorted(sizes) and sizes[0] == 1 and sizes[-1] == 8 and len(sizes) == 4
-  assert plan.tokens_before(plan.total_steps) >= 2_000_000 > plan.tokens_before(plan.total_steps - 1)
+  assert (plan.tokens_before(plan.total_steps) >= 2_000_000
+          > plan.tokens_before(plan.total_steps - 1))
   warm = plan.steps_for_tokens(20_000)
   assert plan.tokens_before(warm) >= 20_000 > plan.tokens_before(warm - 1)
 

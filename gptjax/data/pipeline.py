@@ -61,7 +61,7 @@ class PackedSequences:
 
 
 class RowsOfBatches(grain.MapDataset):
-  """Element k = the `rows` of global batch k, i.e. parent elements k * B + r for r in rows, stacked.
+  """Element k = the `rows` of global batch k: parent elements k * B + r for r in rows, stacked.
 
   Only those rows are read, so a host loads its share of the data and nothing else.
   """
@@ -71,7 +71,9 @@ class RowsOfBatches(grain.MapDataset):
     self._global_batch, self._rows = global_batch, np.asarray(rows, np.int64)
 
   def __len__(self) -> int:
-    return len(self._parent) // self._global_batch if len(self._parent) < sys.maxsize else sys.maxsize
+    if len(self._parent) < sys.maxsize:
+      return len(self._parent) // self._global_batch
+    return sys.maxsize
 
   def __getitem__(self, index):
     if isinstance(index, slice):

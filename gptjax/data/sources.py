@@ -217,7 +217,8 @@ def expand_paths(paths: str) -> list[str]:
 
 def _require_pyarrow(files: list[str]) -> None:
   try:
-    import pyarrow.parquet  # pylint: disable=import-outside-toplevel,unused-import
+    # pylint: disable-next=import-outside-toplevel,unused-import
+    import pyarrow.parquet  # noqa: F401 (only checks that Parquet support is installed)
   except ImportError as e:
     first = next(f for f in files if f.endswith(".parquet"))
     raise fail("data.paths", f"{first!r} is a Parquet file but pyarrow is not installed",
