@@ -146,9 +146,12 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> No
   sizes = mesh_shape(cfg.mesh, n_devices)
   mesh_order(cfg.mesh)
   batch_shards = sizes["data"] * sizes["fsdp"]
-  _check(micro % batch_shards == 0, "train.global_batch",
-         f"the batch of {micro} sequences per pass does not split over data x fsdp = {batch_shards}"
-         " devices", "Use a (micro-)batch divisible by mesh.data * mesh.fsdp.")
+  _check(micro % batch_shards == 0, "train.micro_batch",
+         f"the micro-batch of {micro} sequences per pass does not split over data x fsdp = "
+         f"{batch_shards} devices",
+         f"Use a micro-batch that is a multiple of {batch_shards} (train.micro_batch, or "
+         "train.global_batch when it is 0; under optim.batch_ramp_tokens it is the ramp's first "
+         "size), or fewer data x fsdp devices.")
   heads = m.n_heads
   _check(heads % sizes["tensor"] == 0, "mesh.tensor",
          f"tensor parallelism of {sizes['tensor']} does not divide n_heads={heads}",

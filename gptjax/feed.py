@@ -63,9 +63,11 @@ class HostRows:
     """True when this process holds every row (one process, or the batch replicated here)."""
     return len(self.rows) == self.global_batch
 
-  def sharding(self, leading: int = 0) -> NamedSharding:
-    """The sharding of a [*leading, B, ...] global batch."""
-    return NamedSharding(self.mesh, P(*([None] * leading), self.batch_axes))
+  def sharding(self, leading: int = 0, ndim: int | None = None) -> NamedSharding:
+    """The sharding of a [*leading, B, ...] global batch (of `ndim` dimensions, if given: the
+    dimensions after B are named as replicated)."""
+    trailing = [] if ndim is None else [None] * (ndim - leading - 1)
+    return NamedSharding(self.mesh, P(*([None] * leading), self.batch_axes, *trailing))
 
   def select(self, batch: Mapping[str, np.ndarray], leading: int = 0) -> dict[str, np.ndarray]:
     """This process's rows of a whole batch every process holds (e.g. built from a small file)."""
@@ -83,7 +85,6 @@ class HostRows:
     """
     position = np.full(self.global_batch, -1, np.int64)
     position[self.rows] = np.arange(len(self.rows))
-    sharding = self.sharding(leading)
     out = {}
     for key, value in host.items():
       value = np.asarray(value)
@@ -102,5 +103,5 @@ class HostRows:
           take = local
         return value[index[:leading] + (take,) + index[leading + 1:]]
 
-      out[key] = jax.make_array_from_callback(shape, sharding, piece)
+      out[key] = jax.make_array_from_callback(shape, self.sharding(leading, value.ndim), piece)
     return out

@@ -173,7 +173,8 @@ def finished_run(tmp_path_factory):
     (lambda c: c.mesh.update(data=3), r"mesh: data x fsdp x tensor = 3"),
     (lambda c: c.train.update(seq_len=4096), r"train\.seq_len: 4096 exceeds"),
     (lambda c: c.train.update(global_batch=7) or c.mesh.update(data=2),
-     r"train\.global_batch: the batch of 7 sequences per pass does not split over data x fsdp = 2"),
+     r"train\.micro_batch: the micro-batch of 7 sequences per pass does not split over data x "
+     r"fsdp = 2"),
     (lambda c: c.checkpoint.update(restore_from="/nonexistent/run"),
      r"restore_from.*does not exist"),
     (lambda c: c.data.update(paths="/nonexistent/*.txt"), r"data\.paths"),

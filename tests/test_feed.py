@@ -37,7 +37,7 @@ def test_one_process_holds_every_row_and_assembles_the_batch(sizes):
   arrays = rows.to_global(rows.select(batch, leading=1), leading=1)
   for key, value in batch.items():
     assert arrays[key].shape == value.shape
-    assert arrays[key].sharding.spec == jax.sharding.PartitionSpec(None, ("data", "fsdp"))
+    assert arrays[key].sharding.spec == jax.sharding.PartitionSpec(None, ("data", "fsdp"), None)
     np.testing.assert_array_equal(np.asarray(arrays[key]), value)
     for shard in arrays[key].addressable_shards:  # each device holds its batch shard
       np.testing.assert_array_equal(np.asarray(shard.data), value[shard.index])

@@ -56,7 +56,9 @@ def test_slurm(tmp_path):
 
 def test_tpu_vm(tmp_path):
   text = render("--target=tpu", "--config=configs/gpt3.py:6.7b", "--tpu_name=pod", "--zone=z1",
-                "--workdir=/mnt/runs/x", "--override=mesh.data=1", "--override=mesh.fsdp=-1")
+                "--workdir=/mnt/runs/x", "--override=mesh.data=1", "--override=mesh.fsdp=-1",
+                # 64 devices: the batch ramp starts at 64 sequences (128k tokens), not 16
+                "--override=train.micro_batch=64")
   path = tmp_path / "launch.sh"
   path.write_text(text)
   subprocess.run(["bash", "-n", str(path)], check=True)
