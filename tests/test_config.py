@@ -29,7 +29,7 @@ def tiny():
      r"mesh: data x fsdp x tensor = 3 x 1 x 1 = 3, but there are 8"),
     (lambda c: setattr(c.mesh, "tensor", 8) or setattr(c.mesh, "data", 1),
      r"mesh\.tensor: tensor parallelism of 8 does not divide n_heads=4"),
-    (lambda c: setattr(c.train, "global_batch", 12), r"train\.global_batch: .* 12 sequences .* 8"),
+    (lambda c: setattr(c.train, "global_batch", 12), r"train\.micro_batch: .* 12 sequences .* 8"),
 ])
 def test_bad_settings_raise_clear_errors(edit, message):
   cfg = tiny()

@@ -563,6 +563,7 @@ def _lifecycle_cfg(tmp_path, base, steps=12):
   return cfg
 
 
+@pytest.mark.slow
 def test_fine_tuning_runs_the_one_loop_sigterm_resume_nonfinite_skip_and_workdir_check(
     tmp_path, monkeypatch):
   """SIGTERM saves and the resumed fine-tune equals the uninterrupted one bit for bit;
