@@ -1,5 +1,6 @@
 """Causal attention, forward + backward: one masked [L, L] product per head against the blocked
-version the model uses (`gptjax.model._blocked_causal_attention`), which skips fully masked blocks.
+version the model uses (`gptjax.attention.blocked_causal_attention`), which skips fully masked
+blocks.
 
   python benchmarks/attention.py                  # the CPU bench's shapes: B=8, L=256, N=6, H=64
   python benchmarks/attention.py --batch=2 --length=1024
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import model
+from gptjax import attention
 
 
 def main():
@@ -30,10 +31,9 @@ def main():
   rng = np.random.default_rng(0)
   q, k, v, g = (jnp.asarray(rng.normal(size=(a.batch, a.length, a.heads, a.head_dim)), jnp.float32)
                 for _ in range(4))
-  mask = model._causal_mask(a.length, window, None)
-  # pylint: disable=protected-access
-  methods = {"one masked product": lambda q, k, v: model._xla_attention(q, k, v, mask),
-             "blocked": lambda q, k, v: model._blocked_causal_attention(q, k, v, window, None)}
+  mask = attention.causal_mask(a.length, window, None)
+  methods = {"one masked product": lambda q, k, v: attention.xla_attention(q, k, v, mask),
+             "blocked": lambda q, k, v: attention.blocked_causal_attention(q, k, v, window, None)}
   outs = {}
   for name, f in methods.items():
     step = jax.jit(lambda q, k, v, f=f: jax.vjp(f, q, k, v)[1](g))

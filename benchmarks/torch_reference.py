@@ -106,6 +106,7 @@ def make_train_step(cfg: ml_collections.ConfigDict, seed: int = 0):
   opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
                            {"params": rest, "weight_decay": 0.0}],
                           lr=o.peak_lr, betas=(o.b1, o.b2), eps=o.eps, fused=False)
+  # Resolved here, not by gptjax.optim: this reference imports nothing of the package under test.
   seq_len, micro = t.seq_len or cfg.model.ctx, t.micro_batch or t.global_batch
   rng = np.random.default_rng(seed)
   tokens = torch.from_numpy(rng.integers(0, cfg.model.vocab_size,

@@ -13,7 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.name = "base"  # preset name, recorded in the workdir and in run names
   c.seed = 0  # one seed for init, data order and dropout
 
-  # ---- model (gptjax/model.py) -------------------------------------------------------------
+  # ---- model (gptjax/layers.py ModelArgs) --------------------------------------------------------
   m = c.model = ml_collections.ConfigDict()
   m.vocab_size = 50257  # real tokenizer vocabulary; set from the tokenizer when it is trained
   m.pad_vocab_to = 128  # round embedding/output rows up to a multiple of this (1 = exact vocab)
@@ -77,7 +77,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.nonfinite = "stop"  # NaN/inf loss or grad: 'stop' (keep checkpoints, exit) or 'skip' the update
   t.max_skips = 10  # 'skip': abort after this many consecutive non-finite steps
 
-  # ---- downstream evaluation during training (gptjax/evaluate.py) ---------------------------
+  # ---- downstream evaluation during training (gptjax/eval_tasks.py) -------------------------
   e = c.eval = ml_collections.ConfigDict()
   e.tasks = ""  # 'name:path:kind[:fewshot],...' (mc, lambada, ppl) run every eval_every; ''=none
   e.shots = 0  # few-shot demonstrations before each example (0 = zero-shot)

@@ -123,7 +123,7 @@ def run(cfg: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2,
   """
   load_before = os.getloadavg()[0]
   args = ModelArgs.from_config(cfg.model)
-  seq_len = cfg.train.seq_len or cfg.model.ctx
+  seq_len = optim.seq_len(cfg)
   devices = bench_devices(cfg)
   fns, info = {}, None
   fns["gptjax"], info = make_train_step(cfg, devices)

@@ -169,9 +169,9 @@ class Checkpointer:
     saved_opt = _stored_tree(self.manager, step, "opt_state")
     if stored is None or saved_opt is None:
       raise _Unreadable("its tree metadata cannot be read")
-    plan = _RestorePlan(stored, abstract_state.params, f"the checkpoint at step {step}")
+    plan = layout.RestorePlan(stored, abstract_state.params, f"the checkpoint at step {step}")
     target_opt = plan.saved_layout(abstract_state.opt_state)
-    opt = _OptPlan(target_opt, saved_opt, f"the checkpoint at step {step}")
+    opt = optstate.OptPlan(target_opt, saved_opt, f"the checkpoint at step {step}")
     restored = self.manager.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(plan.saved_layout(abstract_state.params)),
         opt_state=ocp.args.StandardRestore(opt.saved_abstract),
@@ -182,8 +182,8 @@ class Checkpointer:
     params = plan.to_target(params, abstract_state.params)
     opt_state = plan.to_target(opt_state, abstract_state.opt_state)
     if opt.match.fresh or opt.match.dropped:
-      opt_state = _fill_fresh(opt_state, abstract_state, params, stored_opt=saved_opt, plan=plan,
-                              init_opt_state=init_opt_state, step=meta["step"])
+      opt_state = optstate.fill_fresh(opt_state, abstract_state, params, stored_opt=saved_opt,
+                                      plan=plan, init_opt_state=init_opt_state, step=meta["step"])
       _log_once("optimizer state restored by parameter path; "
                 + (f"started fresh (no counterpart in the checkpoint): "
                    f"{optstate.describe(opt.match.fresh)}" if opt.match.fresh else "")
@@ -266,140 +266,6 @@ def _log_once(message: str) -> None:
     print(f"gptjax: {message}", flush=True)
 
 
-class _OptPlan:
-  """How to read a saved optimizer state into the current one's tree (see `gptjax.optstate`).
-
-  Leaves are paired by role; paired leaves must have the same shape. The saved tree is read as it
-  was written, each leaf sharded like its counterpart (or like the parameter it belongs to, or
-  replicated), and rebuilt in the current tree with placeholders where state starts fresh.
-  """
-
-  def __init__(self, target, saved, what: str):
-    self.match = optstate.match(target, saved)
-    self._target_leaves, self._treedef = jax.tree.flatten(target)
-    saved_flat, self._saved_treedef = jax.tree_util.tree_flatten_with_path(saved)
-    mesh = next(x.sharding.mesh for x in self._target_leaves
-                if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding))
-    sharding: dict[int, Any] = {}
-    bad = []
-    for i, j in enumerate(self.match.source):
-      if j is None:
-        continue
-      t, (path, s) = self._target_leaves[i], saved_flat[j]
-      if tuple(t.shape) != tuple(s.shape):
-        bad.append(f"{jax.tree_util.keystr(path)}: stored {tuple(s.shape)}, now {tuple(t.shape)}")
-      sharding[j] = t.sharding
-    if bad:
-      raise ConfigError(f"{what} has an optimizer state that does not fit this model: "
-                        + "; ".join(bad[:6]) + ". Use the model config it was trained with, or "
-                        "checkpoint.restore_from (weights only) in a new workdir.")
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    self.saved_abstract = jax.tree_util.tree_unflatten(self._saved_treedef, [
-        jax.ShapeDtypeStruct(tuple(s.shape), s.dtype, sharding=sharding.get(j, replicated))
-        for j, (_, s) in enumerate(saved_flat)])
-
-  def assemble(self, restored_saved):
-    """The current tree from the restored saved leaves; fresh leaves are zeros for now."""
-    saved_leaves = jax.tree.leaves(restored_saved)
-    leaves = [saved_leaves[j] if j is not None else
-              jax.jit(lambda t=t: jax.numpy.zeros(t.shape, t.dtype), out_shardings=t.sharding)()
-              for t, j in zip(self._target_leaves, self.match.source)]
-    return jax.tree.unflatten(self._treedef, leaves)
-
-
-def _fill_fresh(opt_state, abstract_state, params, *, stored_opt, plan, init_opt_state, step):
-  """Replaces the leaves of `opt_state` (target layout) that have no saved counterpart with their
-  initial values; a fresh step count (`count`) starts at the checkpoint's step."""
-  saved_as_target = stored_opt
-  if plan.convert:  # roles name parameter paths: compare both in the target layout
-    saved_as_target = layout.convert_tree(
-        jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), stored_opt),
-        not plan.saved_scanned, plan.period, layout.take_abstract, layout.join_abstract)
-  match = optstate.match(abstract_state.opt_state, saved_as_target)
-  fresh = [i for i, j in enumerate(match.source) if j is None]
-  if not fresh:
-    return opt_state
-  if init_opt_state is None:
-    raise ConfigError("the checkpoint's optimizer state lacks "
-                      f"{optstate.describe(match.fresh)}, and no initialiser was given to start it")
-  flat = jax.tree_util.tree_flatten_with_path(abstract_state.opt_state)[0]
-  shardings = [flat[i][1].sharding for i in fresh]
-
-  def init(p):
-    leaves = jax.tree.leaves(init_opt_state(p))
-    out = []
-    for i in fresh:
-      x = leaves[i]
-      if optstate.role(flat[i][0]) == ("count",):
-        x = jax.numpy.full_like(x, step)
-      out.append(x)
-    return out
-
-  values = jax.jit(init, out_shardings=shardings)(params)
-  leaves = jax.tree.leaves(opt_state)
-  for i, v in zip(fresh, values):
-    leaves[i] = v
-  return jax.tree.unflatten(jax.tree.structure(opt_state), leaves)
-
-
-
-class _RestorePlan:
-  """How to restore a checkpoint saved in one layout into a model of (maybe) the other one.
-
-  Checks the shapes first (in the model's layout), so a checkpoint of another model is refused with
-  the list of mismatched parameters before anything is read.
-  """
-
-  def __init__(self, stored, abstract_params, what: str):
-    self.convert = False
-    if stored is None:  # unreadable metadata: let the restore fail and the caller fall back
-      return
-    saved_scanned, target_scanned = layout.is_scanned(stored), layout.is_scanned(abstract_params)
-    if saved_scanned == target_scanned:
-      check_shapes(stored, abstract_params, what)
-      return
-    self.convert, self.saved_scanned = True, saved_scanned
-    self.period = layout.period_of(stored if saved_scanned else abstract_params)
-    as_model = layout.convert(
-        jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), stored), target_scanned,
-        self.period, layout.take_abstract, layout.join_abstract)
-    check_shapes(as_model, abstract_params,
-                 f"{what} (saved with model.scan_layers={saved_scanned}, compared unstacked)"
-                 if saved_scanned else f"{what} (saved with model.scan_layers=False)")
-
-  def saved_layout(self, abstract_tree):
-    """`abstract_tree` (params or an optimizer state) as it was saved, sharded like the target."""
-    if not self.convert:
-      return abstract_tree
-    return layout.convert_tree(abstract_tree, self.saved_scanned, self.period,
-                               layout.take_abstract, layout.join_abstract)
-
-  def to_target(self, tree, abstract_tree):
-    """Converts restored arrays to the target layout on the devices, placed as the target says."""
-    if not self.convert:
-      return tree
-    out_shardings = jax.tree.map(lambda x: x.sharding, abstract_tree)
-    target_scanned = not self.saved_scanned
-    return jax.jit(lambda t: layout.convert_tree(t, target_scanned, self.period),
-                   out_shardings=out_shardings)(tree)
-
-
-def check_shapes(stored, expected, what: str) -> None:
-  """Raises ConfigError listing every parameter whose stored shape differs from the model's."""
-  stored_flat = {jax.tree_util.keystr(k): v.shape
-                 for k, v in jax.tree_util.tree_flatten_with_path(stored)[0]}
-  expected_flat = {jax.tree_util.keystr(k): v.shape
-                   for k, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
-  bad = [f"{k}: stored {stored_flat.get(k)}, model {expected_flat.get(k)}"
-         for k in sorted(set(stored_flat) | set(expected_flat))
-         if tuple(stored_flat.get(k) or ()) != tuple(expected_flat.get(k) or ())]
-  if bad:
-    raise ConfigError(f"{what} does not fit this model; mismatched parameters: "
-                      + "; ".join(bad[:8])
-                      + (f" (and {len(bad) - 8} more)" if len(bad) > 8 else "")
-                      + ". Use the model config it was trained with, or a new workdir.")
-
-
 def restore_params(path: str, abstract_params) -> Any:
   """Parameters only (no optimizer state) from the latest checkpoint of another run.
 
@@ -419,14 +285,15 @@ def restore_params(path: str, abstract_params) -> Any:
     raise ConfigError(f"config.checkpoint.restore_from: {path!r} holds no checkpoint. Train that "
                       "run first, or point at another.")
   what = f"config.checkpoint.restore_from: the checkpoint at {directory} (step {step})"
-  plan = _RestorePlan(_stored_tree(manager, step, "params"), abstract_params, what)
+  plan = layout.RestorePlan(_stored_tree(manager, step, "params"), abstract_params, what)
   restored = manager.restore(step, args=ocp.args.Composite(
       params=ocp.args.StandardRestore(plan.saved_layout(abstract_params)))).params
   return plan.to_target(restored, abstract_params)
 
 
 def save_params(workdir: str, step: int, params, meta: dict[str, Any]) -> str:
-  """Writes a params-only checkpoint `<workdir>/checkpoints/<step>` and `<workdir>/config.json`.
+  """Writes a params-only checkpoint `<workdir>/checkpoints/<step>` (`gptjax.run.save_params` also
+  records its config as the workdir's `config.json`).
 
   Args:
     workdir: the output folder (created).
@@ -443,23 +310,7 @@ def save_params(workdir: str, step: int, params, meta: dict[str, Any]) -> str:
                                                          meta=ocp.args.JsonSave(meta)))
   manager.wait_until_finished()
   manager.close()
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    json.dump(meta["config"], f, indent=2, sort_keys=True)
   return directory
-
-
-def read_config(workdir: str, setting: str) -> ml_collections.ConfigDict:
-  """The resolved config a run saved as `<workdir>/config.json`.
-
-  Raises:
-    ConfigError: naming `setting` (the flag or key that gave `workdir`) when there is none.
-  """
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    raise ConfigError(f"{setting}: {workdir!r} has no config.json, so it is not a gptjax run. "
-                      "Point it at a directory scripts/train.py wrote.")
-  with open(path, encoding="utf-8") as f:
-    return ml_collections.ConfigDict(json.load(f))
 
 
 def resume_data_state(meta: dict[str, Any], cfg: ml_collections.ConfigDict, plan) -> dict[str, Any]:
@@ -482,7 +333,7 @@ def resume_data_state(meta: dict[str, Any], cfg: ml_collections.ConfigDict, plan
   if saved is None:  # written before configs were recorded: nothing to compare against
     return state
   t, step = saved["train"], meta["step"]
-  old_seq, old_batch = t["seq_len"] or saved["model"]["ctx"], t["global_batch"]
+  old_seq, old_batch = optim.seq_len(ml_collections.ConfigDict(saved)), t["global_batch"]
   # The micro-batch the data position counts in: recorded since it can be resolved from 0 (a batch
   # ramp starts below the global batch), else resolved from the saved config the same way.
   old_micro = meta.get("micro_batch") or optim.micro_batch(ml_collections.ConfigDict(saved))
@@ -561,16 +412,13 @@ class Reader:
     return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
                 .meta)
 
-  def config(self, step: int) -> tuple[dict[str, Any] | None, str]:
-    """(the config the checkpoint was trained with, where it came from)."""
-    meta = self.meta(step)
-    if "config" in meta:
-      return meta["config"], "checkpoint meta"
-    workdir_config = os.path.join(os.path.dirname(self.directory), "config.json")
-    if os.path.exists(workdir_config):  # older checkpoints: the workdir's latest config
-      with open(workdir_config, encoding="utf-8") as f:
-        return json.load(f), workdir_config
-    return None, ""
+  def restore(self, step: int, abstract_params, item: str = "params"):
+    """The item restored into `abstract_params` (`jax.ShapeDtypeStruct`s with shardings)."""
+    return self.manager.restore(step, args=ocp.args.Composite(
+        **{item: ocp.args.StandardRestore(abstract_params)}))[item]
+
+  def close(self) -> None:
+    self.manager.close()
 
   def tree(self, step: int, item: str = "params"):
     """The item's saved structure: a tree of Orbax `ArrayMetadata` (.shape, .dtype)."""

@@ -20,7 +20,7 @@ PROJECT_ERRORS = (
     ("gptjax.errors", "ConfigError"),
     ("gptjax.data.errors", "DataError"),
     ("gptjax.distributed", "DistributedError"),
-    ("gptjax.evaluate", "EvalError"),
+    ("gptjax.eval_tasks", "EvalError"),
     ("gptjax.loop", "NonFiniteError"),
     ("gptjax.sweep", "SweepError"),
 )

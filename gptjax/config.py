@@ -6,7 +6,7 @@
 import jax
 import ml_collections
 
-from gptjax import evaluate, heads, model as model_lib, optim, peft, prune, quantize_spec
+from gptjax import eval_tasks, heads, model as model_lib, optim, peft, prune, quantize_spec
 from gptjax.errors import ConfigError
 # Re-exported: the mesh's names and checks live with the meshes.
 from gptjax.sharding import (LOGICAL_AXES, MESH_AXES, mesh_order, mesh_shape,  # noqa: F401
@@ -58,8 +58,8 @@ def validate_eval(e: ml_collections.ConfigDict) -> None:
   _check(e.shots >= 0 and e.seed >= 0, "eval.shots/seed", "must be >= 0",
          "Use 0 shots for zero-shot evaluation.")
   try:
-    evaluate.parse_tasks(e.tasks, "config.eval.tasks")
-  except evaluate.EvalError as err:
+    eval_tasks.parse_tasks(e.tasks, "config.eval.tasks")
+  except eval_tasks.EvalError as err:
     raise ConfigError(str(err)) from err
 
 
@@ -115,7 +115,7 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> No
   m, t, o = cfg.model, cfg.train, cfg.optim
   validate_model(m)
   validate_rules(cfg.mesh.rules)
-  seq_len = t.seq_len or m.ctx
+  seq_len = optim.seq_len(cfg)
   _check(0 < seq_len <= m.ctx, "train.seq_len", f"{seq_len} exceeds the model context {m.ctx}",
          "Use train.seq_len <= model.ctx (or raise model.ctx).")
   _check(t.global_batch >= 1, "train.global_batch", "must be >= 1", "Set sequences per step.")

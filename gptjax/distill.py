@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from gptjax import checkpoint, loss as loss_lib
+from gptjax import checkpoint, loss as loss_lib, optim, run as run_lib
 from gptjax.errors import ConfigError
 from gptjax.data import tokenizer as tokenizer_lib
 from gptjax.model import GPT, ModelArgs
@@ -38,7 +38,7 @@ def _hidden_and_output_embedding(model: GPT, tokens_BxL, segment_ids_BxL, determ
 
 def teacher_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The teacher run's resolved config (its `config.json`)."""
-  return checkpoint.read_config(cfg.compress.distill.teacher, "config.compress.distill.teacher")
+  return run_lib.read_config(cfg.compress.distill.teacher, "config.compress.distill.teacher")
 
 
 def teacher_model(cfg: ml_collections.ConfigDict, tokenizer=None) -> GPT:
@@ -57,15 +57,14 @@ def teacher_model(cfg: ml_collections.ConfigDict, tokenizer=None) -> GPT:
         f"to {os.path.join(path, tokenizer_lib.WORKDIR_SPM)!r} (or the teacher's gpt2_bpe folder).")
   if tokenizer is not None:
     kind = t.data.tokenizer.kind
-    if any(os.path.exists(os.path.join(path, n))
-           for n in (tokenizer_lib.WORKDIR_SPM, tokenizer_lib.WORKDIR_GPT2)):
-      theirs = tokenizer_lib.load_or_train(t.data, path)
+    if run_lib.has_tokenizer(path):
+      theirs = run_lib.load_tokenizer(t, path, "config.compress.distill.teacher")
       if theirs.fingerprint != tokenizer.fingerprint:
         raise ConfigError(
             f"config.compress.distill.teacher: the teacher {path!r} has another tokenizer than "
             f"this run (same size, different {kind} model), so token ids mean different things. "
             f"Set data.tokenizer.path to the teacher's tokenizer in {path!r}.")
-  seq_len = cfg.train.seq_len or cfg.model.ctx
+  seq_len = optim.seq_len(cfg)
   if t.model.ctx < seq_len:
     raise ConfigError(f"config.compress.distill.teacher: the teacher's context ({t.model.ctx}) is "
                       f"shorter than the student's sequences ({seq_len}). Lower train.seq_len.")

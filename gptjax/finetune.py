@@ -14,33 +14,25 @@ frozen pre-trained weights}, which the step reads but never updates and the opti
 Checkpoints hold the trained parts only; the frozen base is read again from `finetune.base`.
 """
 
-import contextlib
 import dataclasses
 import functools
-import json
 import math
 import os
 from collections.abc import Callable
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from gptjax import checkpoint, config as config_lib, generate, heads, loss as loss_lib
-from gptjax import hf, loop, peft, sharding
+from gptjax import hf, layout, loop, optim, peft, run as run_lib, sharding
 from gptjax.errors import ConfigError
 from gptjax.data import sft, tokenizer as tokenizer_lib
 from gptjax.model import GPT, ModelArgs
 from gptjax.train import StepConfig, Trainer
 
-# Model settings a fine-tuning run keeps from its own config rather than the base's.
-_RUNTIME = ("scan_layers", "remat", "dtype", "attention_impl", "embd_dropout", "attn_dropout",
-            "resid_dropout")
-_HF_MODEL_KEYS = ("vocab_size", "ctx", "n_layers", "d_model", "n_heads", "d_head", "d_ff", "norm",
-                  "ln_eps", "tie_embeddings", "attention", "init_std")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,11 +193,8 @@ class FineTune:
     ft._trunk = jax.jit(functools.partial(trunk, spec=spec), in_shardings=(sh.params, sh.frozen))
     return ft
 
-  def _ctx(self) -> contextlib.ExitStack:
-    stack = contextlib.ExitStack()
-    stack.enter_context(jax.set_mesh(self.trainer.mesh))
-    stack.enter_context(nn.logical_axis_rules(self.trainer.rules))
-    return stack
+  def _ctx(self):
+    return sharding.context(self.trainer.mesh, self.trainer.rules)
 
   def _put(self, batch):
     """Global arrays from a whole [B, ...] batch that every process holds (from the val file)."""
@@ -284,16 +273,15 @@ def resolve_base(cfg: ml_collections.ConfigDict) -> Callable[[Any], Any] | None:
   path = cfg.finetune.base
   if not path:
     return None
-  config_path = os.path.join(path, "config.json")
-  if not os.path.isfile(config_path):
+  saved = run_lib.saved_config(path)
+  if saved is None:
     raise ConfigError(f"config.finetune.base: {path!r} has no config.json. Point it at a gptjax "
                       "run's workdir or a local Hugging Face GPT-2 folder (save_pretrained).")
-  with open(config_path, encoding="utf-8") as fh:
-    saved = json.load(fh)
   tk = cfg.data.tokenizer
   if "model" in saved and "data" in saved:  # a gptjax run: its model shape and its tokenizer
+    # The base's architecture; how the model computes stays this run's (ModelArgs.RUNTIME_FIELDS).
     cfg.model.update({k: v for k, v in saved["model"].items()
-                      if k in cfg.model and k not in _RUNTIME})
+                      if k in cfg.model and k not in ModelArgs.RUNTIME_FIELDS})
     tk.kind = saved["data"]["tokenizer"]["kind"]
     tk.path = os.path.join(path, tokenizer_lib.WORKDIR_SPM if tk.kind == "sentencepiece"
                            else tokenizer_lib.WORKDIR_GPT2)
@@ -301,15 +289,17 @@ def resolve_base(cfg: ml_collections.ConfigDict) -> Callable[[Any], Any] | None:
   if saved.get("model_type") == "gpt2":  # Hugging Face: vocab.json + merges.txt beside it
     args, params = hf.load_hf_model(path, scan_layers=cfg.model.scan_layers,
                                     pad_vocab_to=cfg.model.pad_vocab_to)
-    cfg.model.update({k: getattr(args, k) for k in _HF_MODEL_KEYS})
+    cfg.model.update({k: getattr(args, k) for k in ModelArgs.architecture_fields()
+                      if k in cfg.model})
     tk.kind, tk.path = "gpt2_bpe", path
 
     def load(abstract):
-      checkpoint.check_shapes(params, abstract, f"config.finetune.base: the model in {path}")
+      layout.check_shapes(params, abstract, f"config.finetune.base: the model in {path}")
       return jax.tree.map(lambda x, a: jax.device_put(np.asarray(x, a.dtype), a.sharding), params,
                           abstract)
     return load
-  raise ConfigError(f"config.finetune.base: {config_path} is neither a gptjax run's config nor a "
+  raise ConfigError(f"config.finetune.base: {os.path.join(path, run_lib.CONFIG)} is neither a "
+                    "gptjax run's config nor a "
                     "Hugging Face GPT-2 config (model_type 'gpt2'). Point it at one of those.")
 
 
@@ -363,12 +353,12 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str,
                       "training examples (formats: gptjax/data/sft.py).")
   check_supported(cfg)
   load_base = resolve_base(cfg)
-  loop.check_workdir(cfg, workdir)  # before anything is written there
+  run_lib.check(cfg, workdir)  # before anything is written there
   tokenizer = tokenizer_lib.load_or_train(cfg.data, workdir)
   if load_base is None:
     cfg.model.vocab_size = tokenizer.vocab_size
   config_lib.validate(cfg, n_devices=len(devices))
-  fmt = sft.Format.from_config(f, t.seq_len or cfg.model.ctx)
+  fmt = sft.Format.from_config(f, optim.seq_len(cfg))
   train = sft.load(f.train_path, "finetune.train_path", fmt, tokenizer)
   val = sft.load(f.val_path, "finetune.val_path", fmt, tokenizer) if f.val_path else None
   if f.epochs:
@@ -385,7 +375,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str,
     state = ft.load_base(state, load_base(ft.base_abstract())) if load_base else state
   else:
     _log(f"resuming from the checkpoint at step {step}")
-  loop.write_config(cfg, workdir)
+  run_lib.write_config(cfg, workdir)
   trainable, total = ft.counts()
   _log(f"{f.task} ({f.peft}) from {f.base or 'a random base'}: {len(train.rows)} training rows, "
        f"{trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%), "
@@ -429,7 +419,7 @@ def _restore(ckpt: checkpoint.Checkpointer, ft: FineTune, load_base, workdir: st
   if "lora" in stored:
     peft.check_fits(stored["lora"], ft.base_abstract())
   what = f"config.finetune.base: the fine-tuned weights in {workdir} (step {max(steps)})"
-  checkpoint.check_shapes(stored, ft.trainer.abstract_state.params, what)
+  layout.check_shapes(stored, ft.trainer.abstract_state.params, what)
   restored = ckpt.restore_latest(ft.trainer.abstract_state, init_opt_state=ft.trainer.tx.init)
   if restored is None:
     return None, None
@@ -456,17 +446,12 @@ def restore(workdir: str, base: str | None = None, devices=None) -> Restored:
   Raises:
     ConfigError: no checkpoint, or weights that do not fit the base (naming finetune.base).
   """
-  cfg = checkpoint.read_config(workdir, "workdir")
+  cfg = run_lib.read_config(workdir, "workdir")
   if base is not None:
     cfg.finetune.base = base
   load_base = resolve_base(cfg)
-  tokenizer = tokenizer_lib.load_or_train(cfg.data, workdir)
-  devices = jax.devices() if devices is None else devices
-  try:
-    sharding.mesh_shape(cfg.mesh, len(devices))
-  except ConfigError:
-    cfg.mesh.update(data=-1, fsdp=1, tensor=1)
-  ft = FineTune.build(cfg, sharding.make_mesh(cfg.mesh, devices))
+  tokenizer = run_lib.load_tokenizer(cfg, workdir, "workdir")
+  ft = FineTune.build(cfg, run_lib.inference_mesh(cfg, devices)[0])
   ckpt = checkpoint.Checkpointer(workdir, cfg.checkpoint)
   try:
     state, step = _restore(ckpt, ft, load_base, workdir)

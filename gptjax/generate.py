@@ -14,8 +14,8 @@ Prompt policy: a prompt longer than `ctx - max_new_tokens` is left-truncated, i.
 
 `use_cache=False` recomputes the whole (padded) sequence at every step instead, through the
 training forward pass: the same sampling, slower by the sequence length; the reference for tests
-and `scripts/bench_decode.py`. Under a mesh (`jax.set_mesh(mesh)` and
-`nn.logical_axis_rules(rules)`, as `gptjax/train.py` does) everything runs sharded as the model's
+and `scripts/bench_decode.py`. Under a mesh (`with sharding.context(mesh, rules)`,
+as `gptjax/train.py` does) everything runs sharded as the model's
 logical axes say: params stay where they are, the cache is split like the attention activations.
 
 Decoding follows the params' layout. Unrolled layers (`scan_layers=False`, e.g.

@@ -8,18 +8,15 @@ The layouts differ only by reshapes: HF `Conv1D` weights are already [in, out] l
 and `c_attn`'s output axis is q|k|v, each heads-major ([N, H]), i.e. our [3, N, H] flattened.
 One table (`_leaf_targets`) says which HF tensors each gptjax leaf becomes, in either layout; it
 serves the in-memory export and the streaming one (`export_safetensors`: one leaf in memory at a
-time, for models larger than host RAM). Local folders are read one tensor at a time too.
+time, for models larger than host RAM). Local folders are read one tensor at a time too
+(`gptjax.safetensors_io` reads and writes the files).
 torch and transformers are imported inside the functions that need them (the `hf` extra), so the
 core library works without them; `params_from_hf` and `params_to_hf` need neither.
 """
 
-import glob
-import json
-import math
 import os
 import re
-import struct
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -29,7 +26,7 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
-from gptjax import layout
+from gptjax import layout, safetensors_io
 from gptjax.model import ModelArgs
 
 __all__ = ["args_from_hf_config", "hf_config_from_args", "params_from_hf", "params_to_hf",
@@ -200,15 +197,6 @@ def hf_config_from_args(args: ModelArgs, **config_kwargs):
   return transformers.GPT2Config(**(kwargs | config_kwargs))
 
 
-def _to_numpy(x) -> np.ndarray:
-  """A torch tensor, jax array or numpy array as float32 numpy."""
-  if hasattr(x, "detach"):  # torch; bfloat16 has no numpy dtype
-    x = x.detach().cpu()
-    x = x.float() if x.is_floating_point() else x
-    x = x.numpy()
-  return np.asarray(x, dtype=np.float32)
-
-
 def params_from_hf(state_dict: Mapping[str, Any], args: ModelArgs) -> dict[str, Any]:
   """gptjax params from a GPT-2 state dict.
 
@@ -231,7 +219,7 @@ def params_from_hf(state_dict: Mapping[str, Any], args: ModelArgs) -> dict[str, 
   def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
     if name not in sd:
       raise ValueError(f"state_dict has no {name!r} (args: n_layers={args.n_layers})")
-    x = _to_numpy(sd[name])
+    x = safetensors_io.to_numpy(sd[name])
     if x.shape != shape:
       raise ValueError(f"state_dict[{name!r}] has shape {x.shape}, expected {shape} from args "
                        f"(vocab_size={args.vocab_size}, ctx={args.ctx}, d_model={args.d_model}, "
@@ -326,93 +314,12 @@ def load_hf_model(model_or_dir, *, scan_layers: bool = True,
   else:
     _, transformers = _require_hf()
     config = transformers.GPT2Config.from_pretrained(model_or_dir, local_files_only=True)
-    state_dict = _SafetensorsDir(model_or_dir)
+    state_dict = safetensors_io.SafetensorsDir(model_or_dir)
     if not state_dict:  # e.g. only pytorch_model.bin: let transformers read it
       state_dict = transformers.GPT2LMHeadModel.from_pretrained(
           model_or_dir, local_files_only=True).state_dict()
   args = args_from_hf_config(config, pad_vocab_to=pad_vocab_to, scan_layers=scan_layers)
   return args, params_from_hf(state_dict, args)
-
-
-class _LazyTensor:
-  """One tensor of a safetensors file, read only when converted to numpy."""
-
-  def __init__(self, path: str, name: str):
-    self.path, self.name = path, name
-
-  def __array__(self, dtype=None, copy=None):
-    del copy
-    from safetensors import safe_open  # pylint: disable=import-outside-toplevel
-    with safe_open(self.path, framework="pt") as f:  # torch reads bfloat16; numpy cannot
-      x = _to_numpy(f.get_tensor(self.name))
-    return x if dtype is None else x.astype(dtype, copy=False)
-
-
-class _SafetensorsDir(Mapping):
-  """The state dict of a folder's `*.safetensors` files, each tensor read when it is used."""
-
-  def __init__(self, directory: str):
-    from safetensors import safe_open  # pylint: disable=import-outside-toplevel
-    self._where = {}
-    for path in sorted(glob.glob(os.path.join(directory, "*.safetensors"))):
-      with safe_open(path, framework="pt") as f:
-        self._where |= {name: path for name in f.keys()}
-
-  def __getitem__(self, name: str) -> _LazyTensor:
-    return _LazyTensor(self._where[name], name)
-
-  def __iter__(self) -> Iterator[str]:
-    return iter(self._where)
-
-  def __len__(self) -> int:
-    return len(self._where)
-
-
-_SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16"}
-
-
-class _SafetensorsWriter:
-  """Writes a `.safetensors` file one tensor at a time.
-
-  The `safetensors` package serialises a dict of tensors held in memory at once; this writes the
-  same format incrementally: an 8-byte little-endian header length, the JSON header (dtype, shape
-  and byte range of every tensor, padded with spaces to 8 bytes), then the tensors' bytes. Every
-  shape is known up front, so each tensor is written at its place as soon as it is ready.
-  """
-
-  def __init__(self, path: str, specs: Mapping[str, tuple[tuple[int, ...], Any]]):
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    self._specs = {}
-    for name, (shape, dtype) in specs.items():
-      dtype = np.dtype(dtype)
-      size = math.prod(shape) * dtype.itemsize
-      header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
-                      "data_offsets": [offset, offset + size]}
-      self._specs[name] = (tuple(shape), dtype, offset)
-      offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    self._start = 8 + len(raw)
-    self._file = open(path, "wb")  # pylint: disable=consider-using-with
-    self._file.write(struct.pack("<Q", len(raw)) + raw)
-    self._file.truncate(self._start + offset)
-    self._pending = set(self._specs)
-
-  def write(self, name: str, x: np.ndarray) -> None:
-    shape, dtype, offset = self._specs[name]
-    if x.shape != shape or x.dtype != dtype:
-      raise ValueError(f"{name}: got {x.shape} {x.dtype}, the header says {shape} {dtype}")
-    self._file.seek(self._start + offset)
-    self._file.write(np.ascontiguousarray(x).reshape(-1).view(np.uint8).data)
-    self._pending.discard(name)
-
-  def __enter__(self) -> "_SafetensorsWriter":
-    return self
-
-  def __exit__(self, exc_type, *exc) -> None:
-    self._file.close()
-    if exc_type is None and self._pending:
-      raise ValueError(f"tensors never written: {sorted(self._pending)[:8]}")
 
 
 def export_safetensors(stored: Mapping[str, Any], read: Callable[[tuple[str, ...]], np.ndarray],
@@ -441,7 +348,7 @@ def export_safetensors(stored: Mapping[str, Any], read: Callable[[tuple[str, ...
   os.makedirs(out_dir, exist_ok=True)
   config.save_pretrained(out_dir)
   path = os.path.join(out_dir, "model.safetensors")
-  with _SafetensorsWriter(path, specs) as writer:
+  with safetensors_io.SafetensorsWriter(path, specs) as writer:
     for leaf_path, targets in plan.items():
       x = np.asarray(read(leaf_path)).astype(np.float32, copy=False)
       for name, _, fn in targets:

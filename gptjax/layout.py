@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from gptjax.errors import ConfigError
+
 
 def is_scanned(tree: Mapping[str, Any]) -> bool:
   return "layers" in tree
@@ -96,3 +98,61 @@ def join_abstract(*xs) -> jax.ShapeDtypeStruct:
   if sharding is not None:
     sharding = NamedSharding(sharding.mesh, P(None, *sharding.spec))
   return jax.ShapeDtypeStruct((len(xs),) + tuple(x.shape), x.dtype, sharding=sharding)
+
+
+# ---- restoring a checkpoint saved in either layout ---------------------------------------------
+class RestorePlan:
+  """How to restore a checkpoint saved in one layout into a model of (maybe) the other one.
+
+  Checks the shapes first (in the model's layout), so a checkpoint of another model is refused with
+  the list of mismatched parameters before anything is read.
+  """
+
+  def __init__(self, stored, abstract_params, what: str):
+    self.convert = False
+    if stored is None:  # unreadable metadata: let the restore fail and the caller fall back
+      return
+    saved_scanned, target_scanned = is_scanned(stored), is_scanned(abstract_params)
+    if saved_scanned == target_scanned:
+      check_shapes(stored, abstract_params, what)
+      return
+    self.convert, self.saved_scanned = True, saved_scanned
+    self.period = period_of(stored if saved_scanned else abstract_params)
+    as_model = convert(
+        jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), stored), target_scanned,
+        self.period, take_abstract, join_abstract)
+    check_shapes(as_model, abstract_params,
+                 f"{what} (saved with model.scan_layers={saved_scanned}, compared unstacked)"
+                 if saved_scanned else f"{what} (saved with model.scan_layers=False)")
+
+  def saved_layout(self, abstract_tree):
+    """`abstract_tree` (params or an optimizer state) as it was saved, sharded like the target."""
+    if not self.convert:
+      return abstract_tree
+    return convert_tree(abstract_tree, self.saved_scanned, self.period,
+                               take_abstract, join_abstract)
+
+  def to_target(self, tree, abstract_tree):
+    """Converts restored arrays to the target layout on the devices, placed as the target says."""
+    if not self.convert:
+      return tree
+    out_shardings = jax.tree.map(lambda x: x.sharding, abstract_tree)
+    target_scanned = not self.saved_scanned
+    return jax.jit(lambda t: convert_tree(t, target_scanned, self.period),
+                   out_shardings=out_shardings)(tree)
+
+
+def check_shapes(stored, expected, what: str) -> None:
+  """Raises ConfigError listing every parameter whose stored shape differs from the model's."""
+  stored_flat = {jax.tree_util.keystr(k): v.shape
+                 for k, v in jax.tree_util.tree_flatten_with_path(stored)[0]}
+  expected_flat = {jax.tree_util.keystr(k): v.shape
+                   for k, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
+  bad = [f"{k}: stored {stored_flat.get(k)}, model {expected_flat.get(k)}"
+         for k in sorted(set(stored_flat) | set(expected_flat))
+         if tuple(stored_flat.get(k) or ()) != tuple(expected_flat.get(k) or ())]
+  if bad:
+    raise ConfigError(f"{what} does not fit this model; mismatched parameters: "
+                      + "; ".join(bad[:8])
+                      + (f" (and {len(bad) - 8} more)" if len(bad) > 8 else "")
+                      + ". Use the model config it was trained with, or a new workdir.")

@@ -15,11 +15,9 @@ import json
 import math
 import os
 import signal
-import tempfile
 import time
 from typing import Any
 
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -28,7 +26,7 @@ from tqdm import tqdm
 
 from gptjax import accounting, checkpoint, config as config_lib, generate, metrics as metrics_lib
 from gptjax import evaluate as evaluate_lib, feed, sharding
-from gptjax import distill, train as train_lib
+from gptjax import distill, run as run_lib, train as train_lib
 from gptjax.errors import ConfigError
 from gptjax.data import cache, pipeline, tokenizer as tokenizer_lib
 from gptjax.train import Trainer
@@ -43,111 +41,11 @@ def _log(msg: str) -> None:
     print(f"gptjax: {msg}", flush=True)
 
 
-# Settings a run may change when it resumes: everything except what defines the model's parameter
-# tree and the token stream. Model settings that leave the parameters as they are (the vocabulary
-# is set from the run's own tokenizer; checkpoints restore across scan layouts):
-_SAME_PARAMS = ("vocab_size", "scan_layers", "remat", "dtype", "attention_impl")
-# Settings that define the token stream a checkpoint's data position points into.
-_STREAM = ("seed", "data.source", "data.paths", "data.text_key", "data.txt_split",
-           "data.tfds_name", "data.tfds_data_dir", "data.tfds_train_split", "data.tfds_val_split",
-           "data.val_fraction", "data.max_docs", "data.tokenizer.")
-# Fine-tuning: the settings that define its trained parameters and its examples.
-_FINETUNE_FIXED = ("seed", "finetune.base", "finetune.task", "finetune.peft", "finetune.freeze",
-                   "finetune.train_path", "finetune.text_fields", "finetune.label_field",
-                   "finetune.choices_field", "finetune.classes", "finetune.delimiter",
-                   "finetune.template", "finetune.completion_field", "finetune.pack",
-                   "finetune.adapter_dim", "finetune.prefix_len", "finetune.lora.")
-
-
-def run_kind(config: dict[str, Any]) -> str:
-  """'fine-tuning' for a config with `finetune.train_path` (what scripts/finetune.py runs), else
-  'pre-training'."""
-  return "fine-tuning" if config.get("finetune", {}).get("train_path") else "pre-training"
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
-def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-  """{'optim.clip_norm': (1.0, 0.0), ...}: every setting whose value differs (missing = None)."""
-  a, b = _flat(old), _flat(new)
-  return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
-
-
-def _describe(changes: dict[str, tuple[Any, Any]]) -> str:
-  return ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
-
-
-def check_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> None:
-  """Refuses, before anything is written, a resume that cannot continue the run in the workdir,
-  or a workdir that cannot be written; says in one line which settings changed otherwise."""
-  saved = os.path.join(workdir, "config.json")
-  has_checkpoints = os.path.isdir(os.path.join(workdir, "checkpoints")) and any(
-      name.isdigit() for name in os.listdir(os.path.join(workdir, "checkpoints")))
-  if os.path.exists(saved):
-    with open(saved, encoding="utf-8") as f:
-      old = json.load(f)
-    changes = changed_settings(old, json.loads(cfg.to_json_best_effort()))
-    changes.pop("model.vocab_size", None)  # set from the run's own tokenizer below
-    tokenizer = {k: v for k, v in changes.items() if k.startswith("data.tokenizer.")}
-    if tokenizer and any(os.path.exists(os.path.join(workdir, name)) for name in (
-        tokenizer_lib.WORKDIR_SPM, tokenizer_lib.WORKDIR_GPT2)):
-      raise ConfigError(
-          f"workdir {workdir!r} holds the tokenizer of a run with other tokenizer settings "
-          f"({_describe(tokenizer)}); it would be used instead of the one asked for. Put the "
-          "settings back, or use a new --workdir.")
-  if os.path.exists(saved) and has_checkpoints:
-    new_kind, old_kind = run_kind(json.loads(cfg.to_json_best_effort())), run_kind(old)
-    if new_kind != old_kind:
-      raise ConfigError(
-          f"workdir {workdir!r} holds a {old_kind} run, and this is a {new_kind} run: it would "
-          "resume or overwrite the other run's checkpoints. Use a new --workdir (fine-tuning reads "
-          "its base through finetune.base).")
-    fixed = _FINETUNE_FIXED if new_kind == "fine-tuning" else _STREAM
-    model = {k: v for k, v in changes.items()
-             if k.startswith("model.") and k[len("model."):] not in _SAME_PARAMS}
-    if model:
-      raise ConfigError(
-          f"workdir {workdir!r} holds a run of a different model ({_describe(model)}), so it "
-          "cannot resume. Use a new --workdir, or checkpoint.restore_from to start from its "
-          "weights.")
-    stream = {k: v for k, v in changes.items() if k == "seed" or any(
-        k.startswith(p) for p in fixed if p != "seed")}
-    if stream and new_kind == "fine-tuning":
-      raise ConfigError(
-          f"workdir {workdir!r} holds a fine-tuning run with other task, data or trained-parameter"
-          f" settings ({_describe(stream)}), so it cannot resume. Put them back, or use a new "
-          "--workdir.")
-    if stream:
-      raise ConfigError(
-          f"workdir {workdir!r} holds a run trained on another token stream ({_describe(stream)}): "
-          "its data position would skip or repeat data, and validation documents could move into "
-          "training. Put these settings back to resume, or start a new --workdir with "
-          f"--config.checkpoint.restore_from={workdir} (its weights, fresh data order).")
-    if changes:
-      _log(f"resuming with changed settings: {_describe(changes)}")
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    # A probe of its own per process: the processes of a multi-host run share the workdir.
-    with tempfile.TemporaryFile(dir=workdir):
-      pass
-  except OSError as e:
-    raise ConfigError(f"workdir {workdir!r} is not writable ({e.strerror}). Choose a directory you "
-                      "can write to with --workdir.") from e
-
-
 def prepare(cfg: ml_collections.ConfigDict, workdir: str, devices=None):
   """Validates everything that can be checked early. Returns (tokenizer, mesh)."""
   devices = jax.devices() if devices is None else devices
   config_lib.validate(cfg, n_devices=len(devices))
-  check_workdir(cfg, workdir)
+  run_lib.check(cfg, workdir)
   if cfg.checkpoint.restore_from and not os.path.isdir(cfg.checkpoint.restore_from):
     raise ConfigError(f"config.checkpoint.restore_from: {cfg.checkpoint.restore_from!r} does not "
                       "exist. Point it at a gptjax run's workdir.")
@@ -187,13 +85,12 @@ def _check_same_tokenizer(cfg: ml_collections.ConfigDict, other: str, tokenizer)
   """Refuses weights trained with another tokenizer: their embedding rows mean other tokens."""
   run_dir = os.path.dirname(os.path.abspath(other)) if os.path.basename(
       os.path.normpath(other)) == "checkpoints" else other
-  if not any(os.path.exists(os.path.join(run_dir, name)) for name in (
-      tokenizer_lib.WORKDIR_SPM, tokenizer_lib.WORKDIR_GPT2)):
+  if not run_lib.has_tokenizer(run_dir):
     _log(f"WARNING: {other} holds no tokenizer, so checkpoint.restore_from cannot check that its "
          "embeddings match this run's tokenizer")
     return
-  theirs = tokenizer_lib.load_or_train(checkpoint.read_config(run_dir, "checkpoint.restore_from")
-                                       .data, run_dir)
+  theirs = run_lib.load_tokenizer(run_lib.read_config(run_dir, "checkpoint.restore_from"),
+                                  run_dir, "checkpoint.restore_from")
   if theirs.fingerprint != tokenizer.fingerprint:
     raise ConfigError(
         f"config.checkpoint.restore_from: {other} was trained with another tokenizer "
@@ -212,13 +109,6 @@ def _check_same_on_all_hosts(sha256_hex: str, what: str, fix: str) -> None:
   if not (every == every[0]).all():
     raise ConfigError(f"the processes of this run have different {what}s (fingerprints differ "
                       f"between hosts). {fix}")
-
-
-def write_config(cfg: ml_collections.ConfigDict, workdir: str) -> None:
-  """Records the resolved config as `config.json` (process 0)."""
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def evaluate(trainer: Trainer, params, eval_ds, rows: feed.HostRows) -> float:
@@ -312,7 +202,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str,
       _log(f"starting from the weights of {ck.restore_from} (fresh optimizer state)")
   if cfg.compress.distill.teacher:  # the frozen teacher is not part of the run's checkpoints
     state = state.replace(frozen=distill.restore_teacher(cfg, trainer.abstract_state.frozen))
-  write_config(cfg, workdir)  # only now: every check above passed
+  run_lib.write_config(cfg, workdir)  # only now: every check above passed
   _log(f"{cfg.name}, {counts.total:,} params, mesh {dict(mesh.shape)}, {plan.total_steps} steps "
        f"of {plan.max_accum * plan.micro_batch} x {plan.seq_len} tokens")
 
@@ -508,7 +398,7 @@ def write_samples(trainer: Trainer, params, tokenizer, workdir: str, n_tokens: i
                   seed: int) -> list[str]:
   """Samples a continuation of a few fixed prompts; prints them and writes `samples.txt`."""
   prompts = [tokenizer.encode(p) for p in ("The ", "def ")]
-  with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
+  with sharding.context(trainer.mesh, trainer.rules):
     samples = generate.generate(trainer.model, params, prompts,
                                 min(n_tokens, trainer.model.args.ctx - 1), temperature=0.8,
                                 top_k=40, eos_id=tokenizer.eos_id, seed=seed)

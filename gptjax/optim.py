@@ -73,6 +73,11 @@ class RunPlan:
     return lo
 
 
+def seq_len(cfg: ml_collections.ConfigDict) -> int:
+  """Tokens per training sequence: `train.seq_len`, or the model context when it is 0."""
+  return cfg.train.seq_len or cfg.model.ctx
+
+
 def micro_batch(cfg: ml_collections.ConfigDict) -> int:
   """Sequences per forward/backward pass: `train.micro_batch`, or what 0 resolves to.
 
@@ -85,7 +90,7 @@ def micro_batch(cfg: ml_collections.ConfigDict) -> int:
   t, o = cfg.train, cfg.optim
   if t.micro_batch or o.batch_ramp_tokens <= 0:
     return t.micro_batch or t.global_batch
-  start = max(1, round(o.batch_ramp_start / (t.seq_len or cfg.model.ctx)))
+  start = max(1, round(o.batch_ramp_start / seq_len(cfg)))
   return max(d for d in range(1, min(start, t.global_batch) + 1) if t.global_batch % d == 0)
 
 

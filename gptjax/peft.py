@@ -30,7 +30,7 @@ from flax import traverse_util
 from gptjax.errors import ConfigError
 
 METHODS = ("none", "lora", "adapters", "prefix")
-# Parameters the model has only when a PEFT method adds them (gptjax/model.py).
+# Parameters the model has only when a PEFT method adds them (gptjax/model.py, attention.py).
 _PEFT_PARAM = re.compile(r"(^|/)(adapter_attn|adapter_mlp|prefix_key|prefix_value)(/|$)")
 _LETTERS = "abcdefghijklmnopqrstuvwxy"  # einsum subscripts; 'z' is the LoRA rank
 

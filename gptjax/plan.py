@@ -133,7 +133,7 @@ def estimate(cfg: ml_collections.ConfigDict, n_devices: int) -> accounting.Memor
   args = ModelArgs.from_config(cfg.model)
   micro = optim.micro_batch(cfg)  # resolved: under a batch ramp 0 is the ramp's start
   per_device = max(micro // (sizes["data"] * sizes["fsdp"]), 1)
-  est = accounting.memory_per_device(args, cfg.train.seq_len or args.ctx, per_device,
+  est = accounting.memory_per_device(args, optim.seq_len(cfg), per_device,
                                      fsdp=sizes["fsdp"], tensor=sizes["tensor"])
   frozen = 4.0 * teacher_params(cfg) / (sizes["fsdp"] * sizes["tensor"])
   return dataclasses.replace(est, params=est.params + frozen)
@@ -174,7 +174,7 @@ def suggest(cfg: ml_collections.ConfigDict, n_devices: int, memory: float) -> st
   """
   args = ModelArgs.from_config(cfg.model)
   big = accounting.param_counts(args).total >= TENSOR_PARALLEL_FROM
-  seq_len = cfg.train.seq_len or args.ctx
+  seq_len = optim.seq_len(cfg)
   frozen = 4.0 * teacher_params(cfg)  # a distillation teacher, float32, sharded as the student
   # A batch ramp grows the batch in micro-batches, so it needs more than one per step.
   o = cfg.optim

@@ -28,7 +28,6 @@ and sharding layout of the plain step; `config.compress.qat` switches it on.
 
 import contextlib
 import dataclasses
-import os
 import threading
 import weakref
 from typing import Any
@@ -39,7 +38,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
-import orbax.checkpoint as ocp
 
 try:
   import qwix
@@ -49,7 +47,7 @@ try:
 except ImportError as e:  # an optional dependency
   raise ImportError("gptjax.quantize needs Qwix: pip install -e '.[compress]'") from e
 
-from gptjax import checkpoint, sharding
+from gptjax import checkpoint, run as run_lib, sharding
 from gptjax.errors import ConfigError
 from gptjax.data import tokenizer as tokenizer_lib
 from gptjax.model import GPT, ModelArgs
@@ -248,44 +246,33 @@ def save(workdir: str, qparams: Any, spec: Spec, cfg: ml_collections.ConfigDict,
     The checkpoints directory.
   """
   meta = {"step": step, "config": checkpoint.config_json(cfg), "quantize": dataclasses.asdict(spec)}
-  directory = checkpoint.save_params(workdir, step, qparams, meta)
+  directory = run_lib.save_params(workdir, step, qparams, meta)
   if source and jax.process_index() == 0:
     tokenizer_lib.copy_saved(source, workdir)
   return directory
 
 
 def load(workdir: str, step: int | None = None, devices=None) -> Quantized:
-  """Restores a checkpoint written by `save`, sharded as its config's mesh rules say.
-
-  The run's mesh is kept if it fits `devices` (default all); otherwise all of them form the data
-  axis and the weights are replicated.
-  """
-  reader = checkpoint.Reader(workdir)
-  step = reader.resolve(step)
+  """Restores a checkpoint written by `save`, sharded as its config's mesh rules say over
+  `run.inference_mesh` (the run's mesh if it fits `devices`, default all; else all of them form the
+  data axis and the weights are replicated)."""
+  reader, step = run_lib.checkpoint_step(workdir, step)
   meta = reader.meta(step)
   if "quantize" not in meta:
-    raise ConfigError(f"{workdir!r} holds a float checkpoint, not a quantized one. Load it with "
-                      "gptjax.evaluate.load_run, or quantize it first (scripts/compress.py).")
+    raise ConfigError(f"{workdir!r} holds a float checkpoint, not a quantized one. Open it with "
+                      "gptjax.run.restore, or quantize it first (scripts/compress.py).")
   cfg = ml_collections.ConfigDict(meta["config"])
   spec = Spec(**meta["quantize"])
-  devices = jax.devices() if devices is None else devices
-  try:
-    sharding.mesh_shape(cfg.mesh, len(devices))
-  except ConfigError:
-    cfg.mesh.update(data=-1, fsdp=1, tensor=1)
-  mesh, rule_table = sharding.make_mesh(cfg.mesh, devices), sharding.rules(cfg.mesh.rules)
+  mesh, rule_table = run_lib.inference_mesh(cfg, devices)
   qmodel = quantized_model(GPT(ModelArgs.from_config(cfg.model)), spec)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rule_table):
+  with sharding.context(mesh, rule_table):
     boxed = abstract_params(qmodel, spec)
   shardings = sharding.logical_shardings(boxed, mesh, rule_table)
   target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         nn.meta.unbox(boxed), shardings)
-  params = reader.manager.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(target))).params
-  tokenizer = None
-  if any(os.path.exists(os.path.join(workdir, n))
-         for n in (tokenizer_lib.WORKDIR_SPM, tokenizer_lib.WORKDIR_GPT2)):
-    tokenizer = tokenizer_lib.load_or_train(cfg.data, workdir)
+  params = reader.restore(step, target)
+  reader.close()
+  tokenizer = run_lib.load_tokenizer(cfg, workdir) if run_lib.has_tokenizer(workdir) else None
   return Quantized(cfg, tokenizer, qmodel, params, spec, mesh, rule_table)
 
 

@@ -21,12 +21,11 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import ml_collections
 import numpy as np
 import threadpoolctl
 from scipy import optimize
 
-from gptjax import accounting, metrics as metrics_lib, optim
+from gptjax import accounting, metrics as metrics_lib, optim, run as run_lib
 from gptjax.model import ModelArgs
 from gptjax.sweep import SWEEP_JSON
 
@@ -50,8 +49,7 @@ def _final(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run_row(workdir: str, name: str | None = None, meta: dict[str, Any] | None = None) -> dict:
   """One run's row: model shape, parameter counts, tokens, compute, final losses, whether done."""
-  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-    cfg = ml_collections.ConfigDict(json.load(f))
+  cfg = run_lib.read_config(workdir, "run_row")
   args = ModelArgs.from_config(cfg.model)
   counts, planned = accounting.param_counts(args), optim.plan(cfg)
   has_metrics = os.path.exists(os.path.join(workdir, "metrics.jsonl"))
@@ -89,7 +87,7 @@ def collect(sweep_dir: str, finished_only: bool = False) -> list[dict[str, Any]]
   else:
     runs = [(d, {}) for d in sorted(os.listdir(sweep_dir))]
   rows = [run_row(os.path.join(sweep_dir, name), name, meta) for name, meta in runs
-          if os.path.exists(os.path.join(sweep_dir, name, "config.json"))]
+          if run_lib.saved_config(os.path.join(sweep_dir, name)) is not None]
   if not rows:
     raise FileNotFoundError(f"no runs in {sweep_dir!r}: expected folders holding config.json (run "
                             "the sweep first: python scripts/sweep.py --config=... --workdir=...).")

@@ -6,6 +6,7 @@ data parallelism (fsdp = tensor = 1), FSDP / ZeRO-3 (`embed` over fsdp: params, 
 moments sharded), Megatron tensor parallelism (`heads`, `mlp`, `vocab` over tensor) and any mix.
 """
 
+import contextlib
 from typing import Any
 
 import flax.linen as nn
@@ -91,6 +92,14 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
   except (AssertionError, NotImplementedError, ValueError):
     grid = np.asarray(devices).reshape(shape)
   return Mesh(grid, AXES)
+
+
+@contextlib.contextmanager
+def context(mesh: Mesh, rule_table):
+  """Inside it `mesh` is the current mesh and `rule_table` maps the model's logical axis names
+  onto it: what tracing, `jax.eval_shape` of an init and a jitted call under shardings need."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rule_table):
+    yield
 
 
 def rules(rules_cfg: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:

@@ -12,7 +12,6 @@ step reads but never updates (a fine-tuning base under adapters, a distillation 
 in `Trainer.build`, not inside them.
 """
 
-import contextlib
 import dataclasses
 import functools
 from typing import Any
@@ -194,7 +193,7 @@ class Trainer:
       return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                         frozen=frozen)
 
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with sharding.context(mesh, rules):
       abstract = jax.eval_shape(init_boxed, jax.random.key(0))
     state_shardings = sharding.logical_shardings(abstract, mesh, rules)
     abstract_state = jax.tree.map(
@@ -218,11 +217,8 @@ class Trainer:
         in_shardings=(state_shardings.params, micro_sh), out_shardings=repl)
     return trainer
 
-  def _ctx(self) -> contextlib.ExitStack:
-    stack = contextlib.ExitStack()
-    stack.enter_context(jax.set_mesh(self.mesh))
-    stack.enter_context(nn.logical_axis_rules(self.rules))
-    return stack
+  def _ctx(self):
+    return sharding.context(self.mesh, self.rules)
 
   def init_state(self) -> TrainState:
     with self._ctx():

@@ -1,4 +1,5 @@
-"""Peak host memory of `scripts/convert.py to_hf` on a large model, against its largest tensor.
+"""Peak host memory of `gptjax.convert.to_hf` (`scripts/convert.py to_hf`) on a large model, against
+its largest tensor.
 
   python scripts/bench_convert.py                         # GPT-2 medium (355M params, 1.4 GB fp32)
   python scripts/bench_convert.py --preset=gpt2:large --layouts=unrolled --check
@@ -42,7 +43,7 @@ def _make(workdir: str, scanned: bool) -> None:
   import numpy as np  # pylint: disable=import-outside-toplevel
 
   import configs  # pylint: disable=import-outside-toplevel
-  from gptjax import checkpoint  # pylint: disable=import-outside-toplevel
+  from gptjax import checkpoint, run  # pylint: disable=import-outside-toplevel
   from gptjax.model import GPT, ModelArgs  # pylint: disable=import-outside-toplevel
 
   cfg = configs.load(_PRESET.value)
@@ -52,12 +53,11 @@ def _make(workdir: str, scanned: bool) -> None:
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda s: (0.02 * rng.standard_normal(s.shape, np.float32)),
                         nn.meta.unbox(shapes["params"]))
-  checkpoint.save_params(workdir, 1, params, {"step": 1, "tokens": 0,
-                                              "config": checkpoint.config_json(cfg)})
+  run.save_params(workdir, 1, params, {"step": 1, "tokens": 0,
+                                       "config": checkpoint.config_json(cfg)})
 
 
 def _convert(workdir: str, out: str, verify: bool) -> dict:
-  import importlib.util  # pylint: disable=import-outside-toplevel
   import shutil  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from flax import traverse_util  # pylint: disable=import-outside-toplevel
@@ -67,12 +67,8 @@ def _convert(workdir: str, out: str, verify: bool) -> dict:
   # pylint: disable-next=import-outside-toplevel,unused-import
   import transformers  # noqa: F401 (loaded before the baseline is measured)
 
-  from gptjax import checkpoint  # pylint: disable=import-outside-toplevel
+  from gptjax import checkpoint, convert  # pylint: disable=import-outside-toplevel
 
-  spec = importlib.util.spec_from_file_location(
-      "convert", os.path.join(os.path.dirname(os.path.abspath(__file__)), "convert.py"))
-  convert = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(convert)
   reader = checkpoint.Reader(workdir)
   leaves = list(traverse_util.flatten_dict(reader.tree(1)).values())
   largest = max(int(np.prod(m.shape)) * np.dtype(m.dtype).itemsize for m in leaves) / 2**20

@@ -10,7 +10,7 @@ import time
 from absl import flags
 from ml_collections import config_flags
 
-from gptjax import cli
+from gptjax import cli, optim
 from gptjax.data import pipeline, tokenizer
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
@@ -22,7 +22,7 @@ _WARMUP = flags.DEFINE_integer("warmup", 20, "Batches to take before timing.")
 def main(argv):
   del argv
   cfg = _CONFIG.value
-  seq_len = cfg.train.seq_len or cfg.model.ctx
+  seq_len = optim.seq_len(cfg)
   start = time.perf_counter()
   tok = tokenizer.load_or_train(cfg.data, _WORKDIR.value)
   it = pipeline.make(cfg.data, tok, "train", seq_len=seq_len, global_batch=cfg.train.global_batch,

@@ -1,5 +1,5 @@
 """Converts checkpoints: gptjax -> Hugging Face GPT-2, Hugging Face GPT-2 -> gptjax, and gptjax ->
-params-only gptjax (no optimizer state, for serving).
+params-only gptjax (no optimizer state, for serving). The command line of `gptjax.convert`.
 
   python scripts/convert.py to_hf   --workdir=runs/x [--step=N] --out=hf/x [--dtype=bfloat16]
   python scripts/convert.py from_hf --hf_dir=hf/x --out=runs/imported [--scan_layers=false]
@@ -13,23 +13,12 @@ time (skip it with --verify=false). A gptjax output is a workdir (`config.json`,
 `checkpoints/<step>/`) that `--config.checkpoint.restore_from` and this script accept.
 """
 
-import ctypes
-import dataclasses
-import os
 import sys
 
 from absl import app, flags, logging
-from flax import traverse_util
-import jax
-import jax.numpy as jnp
-import ml_collections
-import ml_dtypes
-import numpy as np
 
-import configs
-from gptjax import checkpoint, cli, hf, layout
-from gptjax.config import ConfigError
-from gptjax.model import GPT, ModelArgs
+from gptjax import cli, convert
+from gptjax.errors import ConfigError
 
 COMMANDS = ("to_hf", "from_hf", "params")
 _WORKDIR = flags.DEFINE_string("workdir", None, "to_hf/params: the gptjax run (or checkpoints/).")
@@ -45,158 +34,6 @@ _ATOL = flags.DEFINE_float("atol", 1e-4, "Logit check: absolute tolerance.")
 _RTOL = flags.DEFINE_float("rtol", 1e-5, "Logit check: tolerance added per unit of max |logit|.")
 
 
-class ConversionError(RuntimeError):
-  """The converted weights do not reproduce the source model."""
-
-
-def _check_out(out: str) -> str:
-  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-    raise ConfigError(f"--out={out!r} is not an empty folder; choose a new one (or empty it).")
-  return out
-
-
-def _cast(x: np.ndarray, dtype: str) -> np.ndarray:
-  return np.asarray(x).astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32,
-                              copy=False)
-
-
-def _map_in_place(tree: dict, fn) -> dict:
-  """Replaces every leaf of nested dicts by fn(leaf), one at a time: each old leaf is freed as its
-  replacement is made, so two copies of a model never coexist."""
-  for k, v in tree.items():
-    tree[k] = _map_in_place(v, fn) if isinstance(v, dict) else fn(v)
-  return tree
-
-
-def _release_freed_memory() -> None:
-  """Hands freed heap pages back to the OS: glibc keeps them, and the next model (in the other
-  framework) would be allocated beside them rather than in them."""
-  try:
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-  except (OSError, AttributeError):  # not glibc: nothing to do
-    pass
-
-
-def _load_params(reader: checkpoint.Reader, step: int, dtype: str) -> dict:
-  """A checkpoint's params as float32 jax arrays, rounded through `dtype`; read one array at a
-  time, so the host holds one copy of the model (plus one array in flight)."""
-  keys = traverse_util.flatten_dict(reader.tree(step))
-  return traverse_util.unflatten_dict({
-      k: jnp.asarray(_cast(reader.read(step, k), dtype).astype(np.float32, copy=False))
-      for k in keys})
-
-
-def model_args(config: dict, params_tree) -> ModelArgs:
-  """The model a config describes, in the layout of `params_tree`, computing in float32 with XLA."""
-  args = ModelArgs.from_config(ml_collections.ConfigDict(config["model"]))
-  return dataclasses.replace(args, scan_layers=layout.is_scanned(params_tree), remat="none",
-                             dtype=jnp.float32, attention_impl="xla")
-
-
-def gptjax_logits(args: ModelArgs, params, tokens_BxL: np.ndarray) -> np.ndarray:
-  logits = jax.jit(GPT(args).apply)({"params": params}, tokens_BxL)
-  return np.asarray(logits)[..., :args.vocab_size]
-
-
-def compare_logits(ours: np.ndarray, theirs: np.ndarray, atol: float, rtol: float,
-                   what: str) -> float:
-  """Raises ConversionError unless max |ours - theirs| <= atol + rtol * max |theirs|."""
-  err, tol = float(np.abs(ours - theirs).max()), atol + rtol * float(np.abs(theirs).max())
-  print(f"convert: logits on {ours.shape[0]}x{ours.shape[1]} fixed tokens: max abs error "
-        f"{err:.3g} (tolerance {tol:.3g})", flush=True)
-  if not err <= tol:
-    raise ConversionError(f"{what} does not reproduce the source model: max abs logit error "
-                          f"{err:.3g} > tolerance {tol:.3g}. The written files are wrong; do not "
-                          "use them.")
-  return err
-
-
-def _source_config(reader: checkpoint.Reader, step: int) -> dict:
-  config, where = reader.config(step)
-  if config is None:
-    raise ValueError(f"{reader.directory} step {step} records no config and its workdir has no "
-                     "config.json, so its model is unknown.")
-  print(f"convert: model config from {where}", flush=True)
-  return config
-
-
-def to_hf(workdir: str, step: int | None, out: str, dtype: str = "float32", verify: bool = True,
-          atol: float = 1e-4, rtol: float = 1e-5) -> float | None:
-  """gptjax checkpoint -> HF folder. Returns the max abs logit error (None if not verified)."""
-  reader = checkpoint.Reader(workdir)
-  step, out = reader.resolve(step), _check_out(out)
-  stored = reader.tree(step)
-  args = model_args(_source_config(reader, step), stored)
-  hf.hf_config_from_args(args)  # refuses what GPT-2 cannot represent, before anything is written
-  path = hf.export_safetensors(stored, lambda keys: reader.read(step, keys), args, out, dtype)
-  print(f"convert: wrote {path} ({os.path.getsize(path) / 2**20:,.1f} MiB, {dtype})", flush=True)
-  if not verify:
-    return None
-  tokens = hf.fixed_tokens(args)
-  params = _load_params(reader, step, dtype)
-  ours = gptjax_logits(args, params, tokens)
-  del params  # one model in memory at a time
-  _release_freed_memory()
-  theirs = hf.hf_dir_logits(out, tokens)
-  return compare_logits(ours, theirs, atol, rtol, f"the export in {out}")
-
-
-def from_hf(hf_dir: str, out: str, scan_layers: bool = True, pad_vocab_to: int = 128,
-            dtype: str = "float32", verify: bool = True, atol: float = 1e-4,
-            rtol: float = 1e-5) -> float | None:
-  """HF folder -> params-only gptjax workdir (step 0). Returns the max abs logit error."""
-  _check_out(out)
-  args, params = hf.load_hf_model(hf_dir, scan_layers=scan_layers, pad_vocab_to=pad_vocab_to)
-  cfg = configs.load("base")
-  for f in dataclasses.fields(args):
-    if f.name in cfg.model and f.name not in ("dtype", "attention_impl", "remat"):
-      cfg.model[f.name] = getattr(args, f.name)
-  cfg.name = f"hf:{os.path.basename(os.path.abspath(hf_dir))}"
-  if all(os.path.exists(os.path.join(hf_dir, f)) for f in ("vocab.json", "merges.txt")):
-    cfg.data.tokenizer.update(kind="gpt2_bpe", path=os.path.abspath(hf_dir))
-  params = _map_in_place(params, lambda x: _cast(x, dtype))
-  config = checkpoint.config_json(cfg)
-  checkpoint.save_params(out, 0, params, {"step": 0, "tokens": 0, "config": config,
-                                         "source": os.path.abspath(hf_dir)})
-  print(f"convert: wrote {out}/checkpoints/0 (params only, {dtype}) and {out}/config.json",
-        flush=True)
-  del params
-  _release_freed_memory()
-  if not verify:
-    return None
-  reader = checkpoint.Reader(out)
-  written = _load_params(reader, 0, dtype)
-  tokens = hf.fixed_tokens(args)
-  ours = gptjax_logits(model_args(config, written), written, tokens)
-  del written
-  _release_freed_memory()
-  theirs = hf.hf_dir_logits(hf_dir, tokens, bfloat16_weights=dtype == "bfloat16")
-  return compare_logits(ours, theirs, atol, rtol, f"the import in {out}")
-
-
-def params_only(workdir: str, step: int | None, out: str, dtype: str = "float32",
-                verify: bool = True) -> float | None:
-  """gptjax checkpoint -> params-only gptjax workdir (same step). Returns 0.0 once verified."""
-  reader = checkpoint.Reader(workdir)
-  step, out = reader.resolve(step), _check_out(out)
-  meta = reader.meta(step)
-  meta = {"step": meta["step"], "tokens": meta.get("tokens", 0),
-          "config": _source_config(reader, step), "source": reader.path(step)}
-  params = _map_in_place(reader.read_all(step), lambda x: _cast(x, dtype))
-  checkpoint.save_params(out, step, params, meta)
-  del params
-  print(f"convert: wrote {out}/checkpoints/{step} (params only, {dtype})", flush=True)
-  if not verify:
-    return None
-  written = checkpoint.Reader(out)
-  for keys in traverse_util.flatten_dict(reader.tree(step)):
-    a, b = _cast(reader.read(step, keys), dtype), written.read(step, keys)
-    if a.shape != b.shape or a.dtype != b.dtype or not np.array_equal(a, b):
-      raise ConversionError(f"{'/'.join(keys)} differs after the export to {out}; do not use it.")
-  print(f"convert: every array equals the source's (cast to {dtype})", flush=True)
-  return 0.0
-
-
 def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"give one command: {' | '.join(COMMANDS)}")
@@ -209,15 +46,16 @@ def main(argv):
     raise app.UsageError(f"{command} needs {', '.join(missing)}")
   try:
     if command == "to_hf":
-      to_hf(_WORKDIR.value, _STEP.value, out, _DTYPE.value, _VERIFY.value, _ATOL.value, _RTOL.value)
+      convert.to_hf(_WORKDIR.value, _STEP.value, out, _DTYPE.value, _VERIFY.value, _ATOL.value,
+                    _RTOL.value)
     elif command == "from_hf":
-      from_hf(_HF_DIR.value, out, _SCAN.value, _PAD.value, _DTYPE.value, _VERIFY.value, _ATOL.value,
-              _RTOL.value)
+      convert.from_hf(_HF_DIR.value, out, _SCAN.value, _PAD.value, _DTYPE.value, _VERIFY.value,
+                      _ATOL.value, _RTOL.value)
     else:
-      params_only(_WORKDIR.value, _STEP.value, out, _DTYPE.value, _VERIFY.value)
+      convert.params_only(_WORKDIR.value, _STEP.value, out, _DTYPE.value, _VERIFY.value)
   except ConfigError:
     raise  # a wrong flag or input: cli.run prints it alone, with status 2
-  except (ConversionError, ValueError) as e:
+  except (convert.ConversionError, ValueError) as e:
     print(f"convert: FAILED: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
   print(f"convert: OK: {out}" + ("" if _VERIFY.value else " (not verified: --verify=false)"),

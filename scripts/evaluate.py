@@ -4,16 +4,14 @@
   python scripts/evaluate.py --workdir=runs/x --step=2000 --shots=3 --val_docs=100 \\
       --tasks=qa:data/qa.jsonl:mc:data/qa_pool.jsonl,lam:data/lambada.jsonl:lambada
 
-Task specs and file schemas: gptjax/evaluate.py. Results go to <workdir>/eval/step_<N>.json.
+Task specs and file schemas: gptjax/eval_tasks.py. Results go to <workdir>/eval/step_<N>.json.
 --workdir may also be a quantized serving checkpoint from scripts/compress.py (<out>/serve/int8).
 Multi-process as scripts/train.py: --coordinator_address/--num_processes/--process_id.
 """
 
-import contextlib
-
 from absl import app, flags, logging
 
-from gptjax import checkpoint, cli, distributed, evaluate
+from gptjax import cli, distributed, eval_tasks, evaluate, serving
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by scripts/train.py.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
@@ -36,27 +34,19 @@ def main(argv):
   distributed.initialize_from_flags()
   if _SHOTS.value < 0 or _SEED.value < 0:
     raise app.UsageError("--shots and --seed must be >= 0")
-  tasks = evaluate.load_tasks(_TASKS.value, "--tasks", _SHOTS.value)  # every file checked first
-  if checkpoint.is_quantized(_WORKDIR.value, _STEP.value):  # from scripts/compress.py
-    from gptjax import quantize  # pylint: disable=import-outside-toplevel
-    step = checkpoint.Reader(_WORKDIR.value).resolve(_STEP.value)
-    q = quantize.load(_WORKDIR.value, step)
-    cfg, params, routing = q.cfg, q.params, quantize.routing()
-    scorer = evaluate.Scorer(q.model, q.tokenizer, _BATCH.value or 8, q.mesh, q.rules)
-  else:
-    run = evaluate.load_run(_WORKDIR.value, _STEP.value)
-    step, cfg, params, routing = run.step, run.cfg, run.params, contextlib.nullcontext()
-    scorer = evaluate.Scorer(run.trainer.model, run.tokenizer,
-                             _BATCH.value or run.trainer.run.micro_batch, run.trainer.mesh,
-                             run.trainer.rules)
+  tasks = eval_tasks.load_tasks(_TASKS.value, "--tasks", _SHOTS.value)  # every file checked first
+  served = serving.open_run(_WORKDIR.value, _STEP.value)  # float or quantized
+  scorer = evaluate.Scorer(served.model, served.tokenizer, _BATCH.value or served.batch_size,
+                           served.mesh, served.rules)
   if _VAL_DOCS.value:
     if any(t.name == "val" for t in tasks):
       raise app.UsageError("--val_docs adds a task named 'val'; rename the --tasks one")
-    tasks.append(evaluate.validation_task(cfg.data, _VAL_DOCS.value))
+    tasks.append(eval_tasks.validation_task(served.cfg.data, _VAL_DOCS.value))
   if not tasks:
     raise app.UsageError("nothing to evaluate: give --tasks and/or --val_docs")
-  with routing:
-    results = evaluate.run_tasks(scorer, params, tasks, _SHOTS.value, _SEED.value)
+  with served.routing():
+    results = evaluate.run_tasks(scorer, served.params, tasks, _SHOTS.value, _SEED.value)
+  step = served.step
   path = evaluate.write_results(_WORKDIR.value, step, {
       "workdir": _WORKDIR.value, "step": step, "shots": _SHOTS.value, "seed": _SEED.value,
       "tasks": results})

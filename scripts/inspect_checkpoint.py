@@ -10,7 +10,7 @@ from absl import flags, logging
 from flax import traverse_util
 import numpy as np
 
-from gptjax import checkpoint, cli, layout
+from gptjax import checkpoint, cli, layout, run
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A gptjax run (or its checkpoints/ folder).")
 _STEP = flags.DEFINE_integer("step", None, "The checkpoint to describe (default: latest).")
@@ -57,7 +57,7 @@ def describe(path: str, step: int | None = None, opt_state: bool = False,
     lines.append(f"  {s:>8}  {_mib(reader.size_on_disk(s)):>12}  {', '.join(items)}"
                  + ("   <- shown below" if s == step else ""))
   meta = reader.meta(step)
-  config, where = reader.config(step)
+  config, where = run.checkpoint_config(reader, step)
   lines += ["", f"step {step}:"]
   seq_len = (config["train"]["seq_len"] or config["model"]["ctx"]) if config else None
   position = f"  data position: step {meta['step']}, {meta.get('tokens', 0):,} tokens seen"

@@ -15,7 +15,7 @@ import os
 
 from absl import flags, logging
 
-from gptjax import cli, sweep as sweep_lib
+from gptjax import cli, sweep as sweep_lib, sweep_run
 
 _CONFIG = flags.DEFINE_string("config", None, "Sweep file, e.g. configs/sweeps/model_size.py:cpu.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The sweep's folder (one run folder inside per "
@@ -46,12 +46,12 @@ def main(argv):
       "runs", "sweeps", sweep.name + (f"-{sweep.arg}" if sweep.arg else ""))
   if _EMIT.value:
     if _EMIT.value == "slurm":
-      text = sweep_lib.slurm_script(sweep, workdir, _PYTHON.value, _SBATCH.value,
+      text = sweep_run.slurm_script(sweep, workdir, _PYTHON.value, _SBATCH.value,
                                     _MAX_PARALLEL.value)
     else:
-      text = "\n".join(sweep_lib.commands(sweep, workdir, _PYTHON.value)) + "\n"
+      text = "\n".join(sweep_run.commands(sweep, workdir, _PYTHON.value)) + "\n"
     try:  # sweep.json tells scripts/fit_scaling.py each run's labels; Slurm needs the log folder
-      sweep_lib.write_manifest(sweep, workdir)
+      sweep_run.write_manifest(sweep, workdir)
       os.makedirs(os.path.join(workdir, "slurm"), exist_ok=True)
     except OSError as e:
       print(f"note: could not prepare {workdir} here ({e.strerror}); on the cluster run "
@@ -63,10 +63,10 @@ def main(argv):
     else:
       print(text, end="")
     return
-  print(sweep_lib.table(sweep.runs, workdir, _FLOPS.value))
+  print(sweep_run.table(sweep.runs, workdir, _FLOPS.value))
   if _DRY_RUN.value:
     return
-  outcome = sweep_lib.run_local(sweep, workdir, in_process=not _SUBPROCESS.value)
+  outcome = sweep_run.run_local(sweep, workdir, in_process=not _SUBPROCESS.value)
   done = sum(v != "stopped" for v in outcome.values())
   print(f"{done} of {len(sweep.runs)} runs finished in {workdir}; fit them with "
         f"python scripts/fit_scaling.py --sweep_dir={workdir}")

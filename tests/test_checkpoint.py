@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from gptjax import checkpoint, loop, metrics, sharding
+from gptjax import checkpoint, loop, metrics, run as run_lib, sharding
 from gptjax.config import ConfigError
 from gptjax.train import Trainer
 from test_loop import corpus_cfg
@@ -217,7 +217,7 @@ def test_processes_sharing_a_workdir_check_it_without_racing(tmp_path):
 
   def check_many_times():
     for _ in range(200):
-      loop.check_workdir(cfg, workdir)
+      run_lib.check(cfg, workdir)
 
   with concurrent.futures.ThreadPoolExecutor(8) as pool:
     for f in [pool.submit(check_many_times) for _ in range(8)]:

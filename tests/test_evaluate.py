@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import configs
-from gptjax import config as config_lib, evaluate, loop, metrics, train
+from gptjax import config as config_lib, eval_tasks, evaluate, loop, metrics, run as run_lib, train
 from gptjax.config import ConfigError
 from test_loop import WORDS
 
@@ -38,7 +38,7 @@ def run(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("eval")
   rng = random.Random(0)
   demos = [e.demo for path, kind in ((MC, "mc"), (LAMBADA, "lambada"))
-           for e in evaluate.read_examples(path, kind)]
+           for e in eval_tasks.read_examples(path, kind)]
   with open(tmp / "docs.jsonl", "w", encoding="utf-8") as f:
     for text in demos * 2 + [" ".join(rng.choices(WORDS, k=40)) for _ in range(100)]:
       f.write(json.dumps({"text": text}) + "\n")
@@ -55,7 +55,7 @@ def run(tmp_path_factory):
   c.mesh.data = 1
   workdir = str(tmp / "run")
   loop.run(c, workdir, devices=ONE)
-  restored = evaluate.load_run(workdir, devices=ONE)
+  restored = run_lib.restore(workdir, devices=ONE)
   return {"cfg": c, "workdir": workdir, "tmp": tmp, "restored": restored,
           "model": restored.trainer.model, "tok": restored.tokenizer,
           "params": jax.device_get(restored.params)}
@@ -151,21 +151,22 @@ def test_multiple_choice_forced_answers_score_100_and_shuffled_labels_do_not(run
   params, word = forced
   others = [w for w in dict.fromkeys(WORDS) if w != word]
   records = []
-  for i, e in enumerate(evaluate.read_examples(MC, "mc")):  # the right answer is ` word`, at i % 4
+  # The right answer is ` word`, at i % 4.
+  for i, e in enumerate(eval_tasks.read_examples(MC, "mc")):
     choices = [" " + w for w in others[i % 7:i % 7 + 3]]
     choices.insert(i % 4, " " + word)
     records.append({"context": e.context, "choices": choices, "label": i % 4})
-  task = evaluate.load_tasks(f"f:{write_jsonl(run['tmp'] / 'forced.jsonl', records)}:mc")[0]
+  task = eval_tasks.load_tasks(f"f:{write_jsonl(run['tmp'] / 'forced.jsonl', records)}:mc")[0]
   got = evaluate.multiple_choice(scorer, params, task)
   assert got["examples"] == 30
   assert got["acc"] == got["acc_per_token"] == got["acc_per_byte"] == 1.0
   for r in records:
     r["label"] = (r["label"] + 1) % 4
-  control = evaluate.load_tasks(f"c:{write_jsonl(run['tmp'] / 'shuffled.jsonl', records)}:mc")[0]
+  control = eval_tasks.load_tasks(f"c:{write_jsonl(run['tmp'] / 'shuffled.jsonl', records)}:mc")[0]
   assert evaluate.multiple_choice(scorer, params, control)["acc"] == 0.0
   # On the real file with the trained params: the argmax of each example's (normalised) scores.
-  task = evaluate.load_tasks(f"qa:{MC}:mc")[0]
-  requests = evaluate.example_requests(task, run["tok"], run["model"].args.ctx)
+  task = eval_tasks.load_tasks(f"qa:{MC}:mc")[0]
+  requests = eval_tasks.example_requests(task, run["tok"], run["model"].args.ctx)
   scores = scorer.score(run["params"], requests)
   start, hits = 0, {"acc": [], "acc_per_token": [], "acc_per_byte": []}
   for e in task.examples:
@@ -181,11 +182,11 @@ def test_multiple_choice_forced_answers_score_100_and_shuffled_labels_do_not(run
 
 
 def test_lambada_counts_greedy_last_words_and_target_perplexity(run, scorer, forced):
-  task = evaluate.load_tasks(f"lam:{LAMBADA}:lambada")[0]
+  task = eval_tasks.load_tasks(f"lam:{LAMBADA}:lambada")[0]
   ex = task.examples[0]
   assert ex.context.endswith("pointed at the") and ex.choices == (" table",)
   assert task.examples[-1].choices == (" shield",)  # the context/target form
-  requests = evaluate.example_requests(task, run["tok"], run["model"].args.ctx)
+  requests = eval_tasks.example_requests(task, run["tok"], run["model"].args.ctx)
   for params in (run["params"], forced[0]):
     want = direct_scores(run["model"], params, requests)
     got = evaluate.lambada(scorer, params, task)
@@ -197,36 +198,36 @@ def test_lambada_counts_greedy_last_words_and_target_perplexity(run, scorer, for
   # ... and always says its own word: every example right, the target perplexity 1.
   params, word = forced
   mine = [{"context": e.context, "target": " " + word} for e in task.examples]
-  mine = evaluate.load_tasks(f"m:{write_jsonl(run['tmp'] / 'mine.jsonl', mine)}:lambada")[0]
+  mine = eval_tasks.load_tasks(f"m:{write_jsonl(run['tmp'] / 'mine.jsonl', mine)}:lambada")[0]
   got = evaluate.lambada(scorer, params, mine)
   assert got["acc"] == 1.0 and got["target_ppl"] == pytest.approx(1.0, abs=1e-4)
 
 
 def test_fewshot_prompts_are_deterministic_and_exclude_the_example(run):
-  own = evaluate.load_tasks(f"qa:{MC}:mc", shots=3)[0]
-  pooled = evaluate.load_tasks(f"qa:{MC}:mc:{POOL}", shots=3)[0]
+  own = eval_tasks.load_tasks(f"qa:{MC}:mc", shots=3)[0]
+  pooled = eval_tasks.load_tasks(f"qa:{MC}:mc:{POOL}", shots=3)[0]
   n = len(own.examples)
-  first = [evaluate.fewshot_prompt(own, i, 3, seed=1) for i in range(n)]
-  assert first == [evaluate.fewshot_prompt(own, i, 3, seed=1) for i in range(n)]
-  assert first != [evaluate.fewshot_prompt(own, i, 3, seed=2) for i in range(n)]
+  first = [eval_tasks.fewshot_prompt(own, i, 3, seed=1) for i in range(n)]
+  assert first == [eval_tasks.fewshot_prompt(own, i, 3, seed=1) for i in range(n)]
+  assert first != [eval_tasks.fewshot_prompt(own, i, 3, seed=2) for i in range(n)]
   demos = [e.demo for e in own.examples]
   for i, prompt in enumerate(first):
-    parts = prompt.split(evaluate.SEPARATOR)
+    parts = prompt.split(eval_tasks.SEPARATOR)
     assert len(parts) == 4 and parts[-1] == own.examples[i].context
     assert len(set(parts[:3])) == 3 and all(p in demos and p != demos[i] for p in parts[:3])
   pool_demos = {e.demo for e in pooled.pool}
   for i in range(n):
-    parts = evaluate.fewshot_prompt(pooled, i, 3, seed=0).split(evaluate.SEPARATOR)
+    parts = eval_tasks.fewshot_prompt(pooled, i, 3, seed=0).split(eval_tasks.SEPARATOR)
     assert set(parts[:3]) <= pool_demos and parts[-1] == pooled.examples[i].context
-  assert evaluate.fewshot_prompt(own, 5, 0, seed=0) == own.examples[5].context
-  with pytest.raises(evaluate.EvalError, match="5 few-shot examples .* fewer than the 6 shots"):
-    evaluate.load_tasks(f"qa:{MC}:mc:{POOL}", shots=6)
+  assert eval_tasks.fewshot_prompt(own, 5, 0, seed=0) == own.examples[5].context
+  with pytest.raises(eval_tasks.EvalError, match="5 few-shot examples .* fewer than the 6 shots"):
+    eval_tasks.load_tasks(f"qa:{MC}:mc:{POOL}", shots=6)
 
 
 def test_perplexity_and_bits_per_byte_match_eval_step_and_a_direct_count(run, scorer):
   tok, model, params = run["tok"], run["model"], run["params"]
   ctx = model.args.ctx
-  docs = evaluate.read_documents(PPL) + ["Ünïcödé bytes: café ☕", " ".join(WORDS * 5)]
+  docs = eval_tasks.read_documents(PPL) + ["Ünïcödé bytes: café ☕", " ".join(WORDS * 5)]
   got = evaluate.perplexity(scorer, params, docs)
   # Windows of ctx tokens over each document after an EOS, built here independently.
   windows = []
@@ -259,7 +260,7 @@ def test_the_loop_logs_task_metrics_at_each_eval_and_they_reproduce(run, scorer)
     assert all(0.0 <= r[k] <= 1.0 for k in names if "acc" in k)
     assert all(math.isfinite(r[k]) and r[k] > 0 for k in names if "acc" not in k)
   # The last row is the final parameters, i.e. the checkpoint restored here.
-  tasks = evaluate.load_tasks(TASKS, shots=1)
+  tasks = eval_tasks.load_tasks(TASKS, shots=1)
   again = evaluate.flat_metrics(evaluate.run_tasks(scorer, run["params"], tasks, shots=1, seed=0))
   assert sorted(again) == sorted(names)
   for k in names:
@@ -281,10 +282,10 @@ def test_script_evaluates_a_checkpoint_and_writes_json(run, scorer):
   assert set(report["tasks"]) == {"qa", "lam", "val"}
   assert report["tasks"]["val"]["documents"] == 3 and report["tasks"]["val"]["bits_per_byte"] > 0
   # The script ran on all 8 devices, sharded; the numbers are those of one device here.
-  tasks = evaluate.load_tasks(f"qa:{MC}:mc,lam:{LAMBADA}:lambada", shots=2)
+  tasks = eval_tasks.load_tasks(f"qa:{MC}:mc,lam:{LAMBADA}:lambada", shots=2)
   here = evaluate.run_tasks(scorer, run["params"], tasks, shots=2, seed=3)
   for name in ("qa", "lam"):
-    for k in evaluate.METRICS[here[name]["kind"]]:
+    for k in eval_tasks.METRICS[here[name]["kind"]]:
       assert report["tasks"][name][k] == pytest.approx(here[name][k], rel=1e-4), (name, k)
 
 
@@ -301,24 +302,24 @@ def test_script_evaluates_a_checkpoint_and_writes_json(run, scorer):
 def test_bad_multiple_choice_lines_name_the_file_line_and_field(tmp_path, record, message):
   good = {"context": "Q", "choices": [" a", " b"], "label": 1}
   path = write_jsonl(tmp_path / "bad.jsonl", [good, record])
-  with pytest.raises(evaluate.EvalError, match=message):
-    evaluate.load_tasks(f"t:{path}:mc")
+  with pytest.raises(eval_tasks.EvalError, match=message):
+    eval_tasks.load_tasks(f"t:{path}:mc")
 
 
 def test_bad_specs_files_and_workdirs_raise_clear_errors(run, tmp_path):
   lam = write_jsonl(tmp_path / "lam.jsonl", [{"text": "oneword"}])
-  with pytest.raises(evaluate.EvalError, match=r"lam\.jsonl:1: field 'text' needs at least two"):
-    evaluate.load_tasks(f"l:{lam}:lambada")
+  with pytest.raises(eval_tasks.EvalError, match=r"lam\.jsonl:1: field 'text' needs at least two"):
+    eval_tasks.load_tasks(f"l:{lam}:lambada")
   lam = write_jsonl(tmp_path / "lam2.jsonl", [{"context": "a b"}])
-  with pytest.raises(evaluate.EvalError, match=r"lam2\.jsonl:1: missing field 'target'"):
-    evaluate.load_tasks(f"l:{lam}:lambada")
+  with pytest.raises(eval_tasks.EvalError, match=r"lam2\.jsonl:1: missing field 'target'"):
+    eval_tasks.load_tasks(f"l:{lam}:lambada")
   (tmp_path / "broken.jsonl").write_text('{"context": "x",\n', encoding="utf-8")
-  with pytest.raises(evaluate.EvalError, match=r"broken\.jsonl:1: not valid JSON"):
-    evaluate.load_tasks(f"b:{tmp_path / 'broken.jsonl'}:mc")
-  with pytest.raises(evaluate.EvalError, match=r"--tasks: unknown task kind 'qa'"):
-    evaluate.load_tasks(f"x:{MC}:qa", "--tasks")
-  with pytest.raises(evaluate.EvalError, match=r"nope\.jsonl: no such file"):
-    evaluate.load_tasks("x:nope.jsonl:mc")
+  with pytest.raises(eval_tasks.EvalError, match=r"broken\.jsonl:1: not valid JSON"):
+    eval_tasks.load_tasks(f"b:{tmp_path / 'broken.jsonl'}:mc")
+  with pytest.raises(eval_tasks.EvalError, match=r"--tasks: unknown task kind 'qa'"):
+    eval_tasks.load_tasks(f"x:{MC}:qa", "--tasks")
+  with pytest.raises(eval_tasks.EvalError, match=r"nope\.jsonl: no such file"):
+    eval_tasks.load_tasks("x:nope.jsonl:mc")
   cfg = configs.load("tiny")
   cfg.eval.tasks = f"x:{MC}:multiple_choice"
   with pytest.raises(ConfigError, match=r"config\.eval\.tasks: unknown task kind"):
@@ -326,15 +327,15 @@ def test_bad_specs_files_and_workdirs_raise_clear_errors(run, tmp_path):
   # The loop reads the task files before it trains or writes anything.
   bad = run["cfg"].copy_and_resolve_references()
   bad.eval.tasks = f"x:{tmp_path / 'missing.jsonl'}:mc"
-  with pytest.raises(evaluate.EvalError, match="missing.jsonl: no such file"):
+  with pytest.raises(eval_tasks.EvalError, match="missing.jsonl: no such file"):
     loop.run(bad, str(tmp_path / "never"), devices=ONE)
   assert not os.path.exists(tmp_path / "never" / "config.json")
   empty = tmp_path / "empty_run"
   empty.mkdir()
   (empty / "config.json").write_text(open(os.path.join(run["workdir"], "config.json")).read())
-  with pytest.raises(evaluate.EvalError, match="holds no checkpoint"):
-    evaluate.load_run(str(empty), devices=ONE)
-  with pytest.raises(evaluate.EvalError, match=r"no checkpoint at step 3; it has \[4\]"):
-    evaluate.load_run(run["workdir"], step=3, devices=ONE)
-  with pytest.raises(evaluate.EvalError, match="no config.json"):
-    evaluate.load_run(str(tmp_path), devices=ONE)
+  with pytest.raises(ConfigError, match="holds no checkpoint"):
+    run_lib.restore(str(empty), devices=ONE)
+  with pytest.raises(ConfigError, match=r"no checkpoint at step 3; it has \[4\]"):
+    run_lib.restore(run["workdir"], step=3, devices=ONE)
+  with pytest.raises(ConfigError, match="no config.json"):
+    run_lib.restore(str(tmp_path), devices=ONE)

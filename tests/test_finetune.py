@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 import configs
-from gptjax import checkpoint, config as config_lib, finetune, heads, loop, metrics, peft, sharding
+from gptjax import checkpoint, config as config_lib, finetune, heads, loop, metrics, peft
+from gptjax import run as run_lib, sharding
 from gptjax.config import ConfigError
 from gptjax.data import sft, tokenizer as tokenizer_lib
 from gptjax.data.errors import DataError
@@ -436,7 +437,7 @@ def make_base(root, name, d_model=32):
   init = lambda path, x: (np.ones if path[-1].key == "scale" else np.zeros)(x.shape, np.float32) \
       if path[-1].key in ("scale", "bias") else rng.normal(0, 0.02, x.shape).astype(np.float32)
   params = jax.tree_util.tree_map_with_path(init, nn.meta.unbox(shapes))
-  checkpoint.save_params(workdir, 0, params, {"config": json.loads(c.to_json_best_effort())})
+  run_lib.save_params(workdir, 0, params, {"config": json.loads(c.to_json_best_effort())})
   return workdir
 
 

@@ -23,7 +23,7 @@ import torch
 import transformers
 
 import configs
-from gptjax import checkpoint, generate, hf, layout, loop, sharding
+from gptjax import checkpoint, generate, hf, layout, loop, run as run_lib, sharding
 from gptjax.data import gpt2_bpe
 from gptjax.model import GPT, ModelArgs
 from gptjax.train import Trainer
@@ -242,7 +242,7 @@ def test_sample_script_on_a_run_workdir(tmp_path):
   saver = checkpoint.Checkpointer(workdir, cfg.checkpoint)
   saver.save(1, state, {"step": 1})
   saver.close()
-  loop.write_config(cfg, workdir)
+  run_lib.write_config(cfg, workdir)
 
   long = " ".join(["the cat sat on a mat"] * 20)  # longer than ctx: its last 48 tokens are kept
   out = run_sample(f"--workdir={workdir}", "--prompt=the dog", f"--prompt={long}",

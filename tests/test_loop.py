@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import configs
-from gptjax import loop, metrics, optim
+from gptjax import loop, metrics, optim, run as run_lib
 from gptjax.data import cache, stats, tokenizer as tokenizer_lib
 
 WORDS = ("the cat sat on a mat and the dog ran to it while a bird sang in the tree above them "
@@ -124,7 +124,7 @@ def test_a_workdir_tokenizer_never_silently_replaces_the_one_asked_for(tmp_path)
   cfg = corpus_cfg(tmp_path)
   workdir = str(tmp_path / "run")
   loop.prepare(cfg, workdir, devices=jax.devices()[:1])  # trains and saves a 320-token tokenizer
-  loop.write_config(cfg, workdir)
+  run_lib.write_config(cfg, workdir)
   cfg = corpus_cfg(tmp_path)
   cfg.data.tokenizer.vocab_size = 300
   with pytest.raises(loop.ConfigError, match=r"other tokenizer settings \(data\.tokenizer\."

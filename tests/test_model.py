@@ -10,8 +10,8 @@ import numpy as np
 import optax
 import pytest
 
+from gptjax import attention as attention_lib
 from gptjax import layout
-from gptjax import model as model_lib
 from gptjax.loss import cross_entropy
 from gptjax.model import GPT, Attention, ModelArgs
 
@@ -118,9 +118,9 @@ def test_blocked_causal_attention_equals_one_masked_product(length, window, segm
   s = np.einsum("bqnh,bknh->bnqk", q, k) / np.sqrt(8)
   w = np.exp(np.where(allowed, s, -np.inf) - np.where(allowed, s, -np.inf).max(-1, keepdims=True))
   expect = np.einsum("bnqk,bknh->bqnh", w / w.sum(-1, keepdims=True), v)
-  blocked = lambda q, k, v: model_lib._blocked_causal_attention(q, k, v, window, seg)
-  full = lambda q, k, v: model_lib._xla_attention(q, k, v,
-                                                  model_lib._causal_mask(length, window, seg))
+  blocked = lambda q, k, v: attention_lib.blocked_causal_attention(q, k, v, window, seg)
+  full = lambda q, k, v: attention_lib.xla_attention(
+      q, k, v, attention_lib.causal_mask(length, window, seg))
   np.testing.assert_allclose(jax.jit(blocked)(q, k, v), expect, rtol=1e-5, atol=1e-5)
   grads = [jax.jit(jax.vjp(f, q, k, v)[1])(g) for f in (blocked, full)]
   for got, want in zip(*grads):

@@ -4,7 +4,6 @@ mesh; conversion to and from HF GPT-2 (checked by logits); params-only exports; 
 One 8-device FSDP run (scanned layers, fp32) is trained once and shared by every test.
 """
 
-import importlib.util
 import json
 import os
 import shutil
@@ -20,7 +19,7 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from gptjax import checkpoint, layout, loop, metrics, optim, sharding
+from gptjax import checkpoint, convert, layout, loop, metrics, optim, run, safetensors_io, sharding
 from gptjax.config import ConfigError
 from gptjax.data import pipeline, tokenizer as tokenizer_lib
 from gptjax.model import GPT, ModelArgs
@@ -29,16 +28,6 @@ from test_loop import corpus_cfg
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 STEPS, SAVED = 8, 3  # the shared run's length, and the checkpoint the resumes start from
-
-
-def _script(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-convert = _script("convert")
 
 
 def run_cfg(tmp, **model):
@@ -243,7 +232,7 @@ def gptjax_model(workdir):
   reader = checkpoint.Reader(workdir)
   step = reader.resolve(None)
   params = reader.read_all(step)
-  return convert.model_args(reader.config(step)[0], params), params
+  return convert.model_args(run.checkpoint_config(reader, step)[0], params), params
 
 
 def test_export_loads_in_transformers_with_the_same_logits_and_generations(exported):
@@ -275,12 +264,12 @@ def test_export_loads_in_transformers_with_the_same_logits_and_generations(expor
 
 def test_a_corrupted_conversion_is_caught(trained, tmp_path, monkeypatch):
   _, workdir, _ = trained
-  real = convert.hf._SafetensorsWriter.write
+  real = safetensors_io.SafetensorsWriter.write
 
   def write(self, name, x):  # transpose one square matrix: shapes stay valid, the model does not
     real(self, name, x.T if name == "transformer.h.1.attn.c_proj.weight" else x)
 
-  monkeypatch.setattr(convert.hf._SafetensorsWriter, "write", write)
+  monkeypatch.setattr(safetensors_io.SafetensorsWriter, "write", write)
   with pytest.raises(convert.ConversionError, match=r"max abs logit error .* > tolerance"):
     convert.to_hf(workdir, None, str(tmp_path / "bad"))
 

@@ -10,7 +10,7 @@ import pytest
 from scipy import optimize
 
 import configs
-from gptjax import accounting, scaling, sweep
+from gptjax import accounting, scaling, sweep, sweep_run
 from gptjax.model import ModelArgs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -158,9 +158,9 @@ def test_a_real_size_sweep_runs_as_subprocesses_and_fits(tmp_path, monkeypatch):
   monkeypatch.delenv("XLA_FLAGS", raising=False)  # one CPU device per run
   sw = sweep.expand("model_size:smoke", n_devices=1)
   workdir = str(tmp_path / "sweep")
-  outcome = sweep.run_local(sw, workdir, in_process=False)
+  outcome = sweep_run.run_local(sw, workdir, in_process=False)
   assert set(outcome.values()) == {"trained"} and len(outcome) == 4
-  assert set(sweep.run_local(sw, workdir, in_process=False).values()) == {"skipped"}
+  assert set(sweep_run.run_local(sw, workdir, in_process=False).values()) == {"skipped"}
   rows = scaling.collect(workdir, finished_only=True)
   assert len(rows) == 4 and all(np.isfinite(r["val_loss"]) for r in rows)
   n, loss = scaling.column(rows, "params"), scaling.column(rows, "loss")

@@ -14,7 +14,7 @@ from jax.experimental.compilation_cache import compilation_cache
 from ml_collections import config_flags
 
 import configs
-from gptjax import loop, metrics, sweep
+from gptjax import loop, metrics, sweep, sweep_run
 from gptjax.config import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -169,18 +169,18 @@ def test_isoflop_leaves_out_sizes_too_big_for_a_budget():
 def test_shell_commands_and_slurm_script_parse_back_into_the_same_configs(tmp_path):
   sw = sweep.expand("lr_tiny:random", n_devices=1)
   workdir = str(tmp_path / "runs")
-  lines = sweep.commands(sw, workdir)
+  lines = sweep_run.commands(sw, workdir)
   assert len(lines) == len(sw.runs)
   for run in sw.runs:  # what scripts/train.py would build from each command
-    argv = sweep.command(sw, run, workdir)[1:]
+    argv = sweep_run.command(sw, run, workdir)[1:]
     fv = flags.FlagValues()
     holder = config_flags.DEFINE_config_file("config", None, "", flag_values=fv, sys_argv=argv)
     flags.DEFINE_string("workdir", None, "", flag_values=fv)
     fv(argv)
     assert holder.value.to_dict() == run.config.to_dict()
     assert fv.workdir == os.path.join(workdir, run.name)
-  script = sweep.slurm_script(sw, workdir, sbatch=["--time=01:00:00", "--gres=gpu:1"],
-                              max_parallel=2)
+  script = sweep_run.slurm_script(sw, workdir, sbatch=["--time=01:00:00", "--gres=gpu:1"],
+                                  max_parallel=2)
   path = tmp_path / "sweep.sbatch"
   path.write_text(script)
   subprocess.run(["bash", "-n", str(path)], check=True)
@@ -190,9 +190,9 @@ def test_shell_commands_and_slurm_script_parse_back_into_the_same_configs(tmp_pa
 
 def test_dry_run_table_lists_params_tokens_flops_and_time():
   sw = sweep.expand("model_size:cpu", n_devices=1)
-  text = sweep.table(sw.runs, flops_per_s=1e10)
+  text = sweep_run.table(sw.runs, flops_per_s=1e10)
   assert all(r.name in text for r in sw.runs)
-  row = sweep.plan_row(sw.runs[0], 1e10)
+  row = sweep_run.plan_row(sw.runs[0], 1e10)
   assert row["tokens"] == 150 * 16 * 128 and row["params"] == sweep.param_count(sw.runs[0].config)
   assert row["est_s"] == pytest.approx(row["flops"] / 1e10)
   assert "5 runs" in text.splitlines()[-1]
@@ -256,22 +256,22 @@ def test_local_runner_resumes_unfinished_runs_and_skips_finished_ones(tmp_path, 
       return calls["n"] == 3
 
     m.setattr(loop._StopSignal, "agreed", agreed)
-    outcome = sweep.run_local(sw, workdir, devices=one, log=lambda s: None)
+    outcome = sweep_run.run_local(sw, workdir, devices=one, log=lambda s: None)
   assert outcome == {sw.runs[0].name: "stopped"}  # the sweep stops with it
-  assert sweep.status(sw.runs[0], workdir) == ("partial", 3)
-  assert sweep.status(sw.runs[1], workdir) == ("new", 0) and not os.path.exists(second)
+  assert sweep_run.status(sw.runs[0], workdir) == ("partial", 3)
+  assert sweep_run.status(sw.runs[1], workdir) == ("new", 0) and not os.path.exists(second)
   assert json.load(open(os.path.join(workdir, "sweep.json")))["runs"][1]["name"] == sw.runs[1].name
 
   lines = []
-  outcome = sweep.run_local(sw, workdir, devices=one, log=lines.append)
+  outcome = sweep_run.run_local(sw, workdir, devices=one, log=lines.append)
   assert outcome == {r.name: "trained" for r in sw.runs}
   assert "unfinished (logged to step 3), resuming" in lines[0]
   steps = [r["step"] for r in metrics.read(first)]
   assert steps == [2, 3, 4, 6]  # logged to step 3, stopped, resumed from its checkpoint at 3
-  assert sweep.status(sw.runs[1], workdir) == ("done", 6)
+  assert sweep_run.status(sw.runs[1], workdir) == ("done", 6)
 
   monkeypatch.setattr(loop, "run", lambda *a, **k: pytest.fail("a finished run was started"))
-  outcome = sweep.run_local(sw, workdir, devices=one, log=lines.append)
+  outcome = sweep_run.run_local(sw, workdir, devices=one, log=lines.append)
   assert outcome == {r.name: "skipped" for r in sw.runs}
 
   # The sweep file changed a shared setting: its old run folders are refused, not reused.
@@ -279,4 +279,4 @@ def test_local_runner_resumes_unfinished_runs_and_skips_finished_ones(tmp_path, 
       dataclasses.replace(r, config=sweep.apply(r.config, {"train.steps": 8}, "test"))
       for r in sw.runs])
   with pytest.raises(sweep.SweepError, match="train.steps: 6 there, 8 now"):
-    sweep.run_local(changed, workdir, devices=one, log=lines.append)
+    sweep_run.run_local(changed, workdir, devices=one, log=lines.append)
