@@ -1,6 +1,6 @@
 """Causal attention, forward + backward: one masked [L, L] product per head against the blocked
-version the model uses (`gptjax.attention.blocked_causal_attention`), which skips fully masked
-blocks.
+version the model uses (`gptjax.attention_kernels.blocked_causal_attention`), which skips fully
+masked blocks.
 
   python benchmarks/attention.py                  # the CPU bench's shapes: B=8, L=256, N=6, H=64
   python benchmarks/attention.py --batch=2 --length=1024
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import attention
+from gptjax import attention_kernels as attention
 
 
 def main():

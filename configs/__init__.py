@@ -1,6 +1,8 @@
 """Configs are Python: `get_config(arg)` returns a locked `ml_collections.ConfigDict` (see base.py).
 
 Scripts take `--config=configs/gpt3.py:xl`; notebooks and tests call `configs.load("gpt3:xl")`.
+A backend suffix tunes a sized preset for accelerators: `gpt3:xl,gpu`, `gpt2:small,tpu`, `gpt1:gpu`
+(configs/accelerators.py).
 """
 
 import importlib
@@ -27,3 +29,11 @@ def all_presets() -> list[str]:
 
   specs = [k.replace("-", ":", 1) if "-" in k else k for k in sizes.SIZES]
   return specs + ["tiny"]
+
+
+def accelerator_presets() -> list[str]:
+  """Every sized preset with every backend suffix: 'gpt1:gpu', 'gpt2:small,gpu', ..."""
+  from configs import accelerators  # pylint: disable=import-outside-toplevel
+
+  return [f"{spec}{',' if ':' in spec else ':'}{backend}" for spec in all_presets()[:-1]
+          for backend in accelerators.BACKENDS]

@@ -28,7 +28,9 @@ def get_config() -> ml_collections.ConfigDict:
   m.tie_embeddings = True  # output projection = token embedding transposed
   m.attention = "dense"  # 'dense', or 'alternating' (GPT-3: dense, banded, dense, banded, ...)
   m.local_window = 256  # tokens a banded layer attends to (itself and the window-1 before it)
-  m.attention_impl = "auto"  # jax.nn.dot_product_attention backend: 'xla', 'cudnn' or 'auto'
+  m.attention_impl = "auto"  # attention kernel: 'auto' (cudnn on GPU, splash on TPU, blocked on
+  #   CPU; 'xla' when training with attn_dropout > 0), 'blocked' (gptjax's causal blocks), 'xla'
+  #   (one masked product), 'cudnn' (GPU, bfloat16) or 'splash' (TPU); see gptjax/attention.py
   m.embd_dropout = 0.1  # dropout on token + position embeddings
   m.attn_dropout = 0.1  # dropout on attention probabilities
   m.resid_dropout = 0.1  # dropout on each sub-block's output before the residual add
@@ -72,6 +74,9 @@ def get_config() -> ml_collections.ConfigDict:
   t.eval_every = 200  # steps between validation passes (0 = only at the end)
   t.eval_batches = 10  # global batches per validation pass
   t.z_loss = 0.0  # weight of the z-loss (log Z)^2 that keeps the softmax normaliser near 1
+  # Tokens per chunk of the fused output projection + loss: [rows, V] float32 logits at a time
+  # (512 suits CPU caches; configs/accelerators.py raises it on GPUs and TPUs).
+  t.loss_chunk_rows = 512
   t.sample_tokens = 64  # tokens generated at the end of the run (0 = no samples)
   t.progress = True  # tqdm progress bar on process 0
   t.nonfinite = "stop"  # NaN/inf loss or grad: 'stop' (keep checkpoints, exit) or 'skip' the update

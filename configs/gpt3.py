@@ -1,6 +1,8 @@
 """GPT-3 (Brown et al. 2020, Table 2.1): context 2048, alternating dense / locally banded attention.
 
-Usage: --config=configs/gpt3.py:small (small | medium | large | xl | 2.7b | 6.7b | 13b | 175b)
+Usage: --config=configs/gpt3.py:small (small | medium | large | xl | 2.7b | 6.7b | 13b | 175b),
+optionally with a backend suffix for throughput on accelerators: --config=configs/gpt3.py:xl,gpu or
+:xl,tpu (bfloat16, fused attention, micro-batch and remat sized for one device: accelerators.py).
 
 The paper does not state the band width of its sparse layers; we use a local window of 256 tokens,
 as later open replications did (config: model.local_window). Optimisation follows section 2.3 and
@@ -19,7 +21,7 @@ micro-batch. train.micro_batch = global_batch with the ramp on is an error: set
 optim.batch_ramp_tokens = 0 to train at the full batch from the first step.
 """
 
-from configs import base
+from configs import accelerators, base
 
 # Batch-ramp length in tokens: the paper says 4-12B depending on model size; we ramp longer for
 # bigger models (a documented choice, not a published number per size).
@@ -28,6 +30,7 @@ _RAMP_TOKENS = {"small": 4e9, "medium": 4e9, "large": 4e9, "xl": 4e9, "2.7b": 8e
 
 
 def get_config(arg: str = "small"):
+  arg, backend = accelerators.split(arg)
   c = base.from_size("gpt3", arg)
   c.model.attention = "alternating"
   c.model.local_window = 256
@@ -39,5 +42,6 @@ def get_config(arg: str = "small"):
   c.optim.batch_ramp_start = 32768
   c.train.micro_batch = c.optim.batch_ramp_start // c.model.ctx  # the ramp's first batch: 16
   c.optim.batch_ramp_buckets = c.train.global_batch // c.train.micro_batch  # every size on the way
+  accelerators.apply(c, backend)
   c.lock()
   return c

@@ -1,24 +1,38 @@
-"""Causal multi-head self-attention: the `Attention` layer, its KV cache, kernels, masks, softmax.
+"""Causal multi-head self-attention: the `Attention` layer, its KV cache, and which kernel runs.
+
+The kernels themselves, the masks and the softmax are in `gptjax.attention_kernels`.
 
 Shapes are written as suffixes: B batch, L length (queries), T keys (cache slots, or L plus a
 learned prefix), N heads, H d_head, D d_model, C a block of queries.
 
-Which kernel `Attention` runs:
-  - decoding (`decode=True`): `cached_attention`, the L new queries over the whole KV cache,
-    masked by `position_mask` (the learned prefix first, under prefix tuning);
-  - prefix tuning (`prefix_len > 0`): `xla_attention` over [prefix; keys], with attention dropout
-    when training;
-  - attention dropout when training: `xla_attention` with the full `causal_mask`;
-  - `attention_impl='cudnn'`, or 'auto' (None) on a GPU: `jax.nn.dot_product_attention` (causal,
-    banded by its local window, segments as a mask);
-  - otherwise ('xla', or 'auto' on CPU and TPU): `blocked_causal_attention`, which never computes
-    a query x key block the causal (banded) mask removes entirely; below L = 128 it is one
-    masked product, `xla_attention`.
+Which kernel runs is decided in one place, `resolve_kernel` (pure: the backend is an argument),
+from `model.attention_impl`:
+  - 'blocked': `blocked_causal_attention`, which never computes a query x key block the causal
+    (banded) mask removes entirely; below L = 128 it is one masked product;
+  - 'xla': `xla_causal_attention`, one masked product, compiled by XLA; the only kernel with
+    attention dropout;
+  - 'cudnn': `cudnn_attention`, cuDNN flash attention through `jax.nn.dot_product_attention`
+    (NVIDIA GPUs; bfloat16/float16; causal, banded by its local window, segments as a mask);
+  - 'splash': `splash_attention`, the Pallas Splash attention kernel (TPUs; causal or local mask,
+    segment ids), run per device in a shard_map over the current mesh;
+  - 'auto': 'cudnn' on a GPU, 'splash' on a TPU, 'blocked' on a CPU ('xla' elsewhere). Where the
+    preferred kernel cannot run the model (a dtype or head width cuDNN refuses) or training needs
+    attention dropout (`model.attn_dropout` > 0, which only 'xla' has), 'auto' runs 'xla' and
+    says why in one log line; evaluation, which has no dropout, keeps the preferred kernel.
+An explicit request that cannot be honoured is a `ConfigError` naming the setting (config
+validation calls `resolve_kernel` for every layer kind before anything compiles).
+
+Two paths are their own whatever the setting: decoding (`decode=True`) runs `cached_attention`,
+the L new queries over the whole KV cache masked by `position_mask` ('cached'); prefix tuning
+(`prefix_len > 0`) runs one masked product over [prefix; keys], with attention dropout when
+training ('prefixed').
 
 `xla_attention` and `blocked_causal_attention` use `softmax`, jax.nn.softmax with a backward
 pass that keeps only its output; scores and softmax are float32 whatever the compute dtype.
 """
 
+import dataclasses
+import functools
 import math
 
 import flax.linen as nn
@@ -26,9 +40,179 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from gptjax.attention_kernels import (KERNELS, cached_attention, causal_mask, position_mask,
+                                      xla_attention, xla_causal_attention)
+from gptjax.errors import ConfigError
 from gptjax.layers import Linear, ModelArgs, normal
 
 Array = jax.Array
+
+IMPLEMENTATIONS = ("auto", "blocked", "xla", "cudnn", "splash")  # model.attention_impl values
+AUTO = {"cpu": "blocked", "gpu": "cudnn", "tpu": "splash"}  # what 'auto' prefers; else 'xla'
+WHAT = {
+    "blocked": "gptjax's blocked causal kernel",
+    "xla": "one masked product",
+    "cudnn": "cuDNN flash attention",
+    "splash": "Splash attention, a Pallas TPU kernel",
+    "cached": "the new queries over the KV cache, one masked product",
+    "prefixed": "one masked product over [learned prefix; keys]",
+}
+CUDNN_DTYPES = ("bfloat16", "float16")
+CUDNN_MAX_HEAD = 256  # Hopper and later; cuDNN itself refuses more than 128 on older GPUs
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+  """The attention kernel a layer runs, and why.
+
+  Attributes:
+    name: 'blocked', 'xla', 'cudnn', 'splash', or one of the own paths 'cached' (decoding) and
+      'prefixed' (prefix tuning).
+    reason: why this kernel, in words a log line can carry.
+    dropout: the attention dropout rate it applies (> 0 only when training with 'xla' or
+      'prefixed').
+    instead_of: the kernel 'auto' would have run, when it runs this one in its place ('' if none).
+  """
+
+  name: str
+  reason: str
+  dropout: float = 0.0
+  instead_of: str = ""
+
+
+def current_backend() -> str:
+  """The backend the model compiles for: 'cpu', 'gpu' (CUDA), 'rocm' or 'tpu'."""
+  name = jax.default_backend()
+  if name == "gpu" and "rocm" in jax.devices()[0].client.platform_version.lower():
+    return "rocm"
+  return name
+
+
+def _cannot_run(kernel: str, args: ModelArgs, backend: str) -> str:
+  """Why `kernel` cannot run this model on `backend` ('' when it can)."""
+  dtype = jnp.dtype(args.dtype).name
+  if kernel == "cudnn":
+    if backend != "gpu":
+      return f"cuDNN attention runs on NVIDIA GPUs, and this run's backend is {backend!r}"
+    if dtype not in CUDNN_DTYPES:
+      return (f"cuDNN's fused attention takes bfloat16 or float16, and model.dtype is {dtype!r} "
+              "(set model.dtype='bfloat16' for it)")
+    if args.d_head % 8 or args.d_head > CUDNN_MAX_HEAD:
+      return (f"cuDNN's fused attention takes head widths that are multiples of 8 up to "
+              f"{CUDNN_MAX_HEAD} (128 before Hopper), and d_head is {args.d_head}")
+  if kernel == "splash" and backend != "tpu":
+    return f"Splash attention is a Pallas kernel for TPUs, and this run's backend is {backend!r}"
+  return ""
+
+
+def resolve_kernel(args: ModelArgs, backend: str, *, training: bool, window: int | None = None,
+                   segments: bool = False, decode: bool = False) -> Kernel:
+  """The kernel an attention layer runs: `model.attention_impl` resolved for this backend.
+
+  Every kernel takes a local window and segment ids, so `window` and `segments` do not change the
+  choice today; they are named so the table stays explicit (tests/test_attention_kernels.py).
+
+  Args:
+    args: the model; reads attention_impl, dtype, d_head, attn_dropout and prefix_len.
+    backend: 'cpu', 'gpu' (CUDA), 'rocm', 'tpu' (`current_backend()` for this process).
+    training: dropout is on (not deterministic).
+    window: the layer's local window (None = dense).
+    segments: the batch carries segment ids (packed documents).
+    decode: the layer decodes with a KV cache.
+
+  Raises:
+    ConfigError: `model.attention_impl` names a kernel that cannot run here, or one without
+      attention dropout while training with `model.attn_dropout` > 0.
+  """
+  del window, segments  # every kernel takes both
+  impl = args.attention_impl
+  if impl not in IMPLEMENTATIONS:
+    raise ConfigError(f"config.model.attention_impl: unknown kernel {impl!r}. Use one of "
+                      f"{IMPLEMENTATIONS}.")
+  dropout = args.attn_dropout if training else 0.0
+  if decode:
+    return Kernel("cached", "decoding with the KV cache always runs it (model.attention_impl "
+                  "chooses the kernel of whole sequences)")
+  if args.prefix_len:
+    if impl not in ("auto", "xla"):
+      raise ConfigError(
+          f"config.model.attention_impl: {impl!r} cannot attend over prefix tuning's learned "
+          "key/value prefix (finetune.peft='prefix'), which runs one masked product over "
+          "[prefix; keys]. Set model.attention_impl='auto' or 'xla'.")
+    return Kernel("prefixed", "prefix tuning (finetune.peft='prefix') always runs it"
+                  + (f", with model.attn_dropout={dropout}" if dropout else ""), dropout)
+  if impl != "auto":
+    why = _cannot_run(impl, args, backend)
+    if why:
+      raise ConfigError(
+          f"config.model.attention_impl: {impl!r} cannot run here: {why}. Use 'auto' (it picks "
+          f"what runs here) or another of {IMPLEMENTATIONS[1:]}.")
+    if dropout and impl != "xla":
+      raise ConfigError(
+          f"config.model.attn_dropout: {dropout} needs dropout inside attention, which "
+          f"model.attention_impl={impl!r} ({WHAT[impl]}) lacks; only 'xla' has it. Set "
+          f"model.attn_dropout=0 to train with {impl!r}, or model.attention_impl='auto' or "
+          "'xla'.")
+    return Kernel(impl, f"model.attention_impl={impl!r}", dropout if impl == "xla" else 0.0)
+  best = AUTO.get(backend, "xla")
+  why = _cannot_run(best, args, backend)
+  if why:
+    return Kernel("xla", why, dropout, instead_of=best)
+  if dropout and best != "xla":
+    return Kernel("xla", f"model.attn_dropout={dropout} needs dropout inside attention, which the "
+                  f"{best!r} kernel lacks; set model.attn_dropout=0 for {best!r}", dropout,
+                  instead_of=best)
+  return Kernel(best, f"model.attention_impl='auto' on {backend}")
+
+
+def _layer_kinds(args: ModelArgs) -> dict[str, int | None]:
+  """{'dense': None, 'banded': window} for the layer kinds the model has."""
+  return {("banded" if w else "dense"): w for w in dict.fromkeys(
+      args.window(i) for i in range(len(args.pattern)))}
+
+
+def kernel_lines(args: ModelArgs, backend: str,
+                 kinds: tuple[str, ...] | None = None) -> list[str]:
+  """The log lines saying which kernel each layer kind runs: one per kind, or one for training
+  and one for evaluation where they differ."""
+  lines = []
+  for kind, window in _layer_kinds(args).items():
+    if kinds is not None and kind not in kinds:
+      continue
+    train, evaluate = (resolve_kernel(args, backend, training=t, window=window)
+                       for t in (True, False))
+    same = (train.name, train.reason) == (evaluate.name, evaluate.reason)
+    for kernel, phase in ((train, ""),) if same else (
+        (train, " when training"), (evaluate, " when evaluating")):
+      instead = f", not {kernel.instead_of!r}" if kernel.instead_of else ""
+      lines.append(f"attention: {kind} layers run {kernel.name!r} ({WHAT[kernel.name]}){phase}"
+                   f"{instead}: {kernel.reason}")
+  return lines
+
+
+def kernel_record(args: ModelArgs, backend: str) -> str:
+  """The resolved kernels in a few words, for config.json: 'dense: cudnn' or
+  'dense: train xla, eval cudnn; banded: ...'."""
+  parts = []
+  for kind, window in _layer_kinds(args).items():
+    train, evaluate = (resolve_kernel(args, backend, training=t, window=window).name
+                       for t in (True, False))
+    parts.append(f"{kind}: {train}" if train == evaluate else
+                 f"{kind}: train {train}, eval {evaluate}")
+  return "; ".join(parts)
+
+
+@functools.lru_cache(maxsize=None)
+def say_once(line: str) -> None:
+  """Prints `line` (process 0), once per process however often the model is traced."""
+  if jax.process_index() == 0:
+    print(f"gptjax: {line}", flush=True)
+
+
+def announce(args: ModelArgs, backend: str, kinds: tuple[str, ...] | None = None) -> None:
+  """Logs `kernel_lines` (each line once per process)."""
+  for line in kernel_lines(args, backend, kinds):
+    say_once(line)
 
 
 class Attention(nn.Module):
@@ -59,27 +243,22 @@ class Attention(nn.Module):
         nn.with_logical_constraint(qkv_BxLx3xNxH[:, :, i], ("batch", "length", "heads", "kv"))
         for i in range(3))
 
-    length = x_BxLxD.shape[1]
-    if self.decode:
+    backend = current_backend()
+    kernel = resolve_kernel(a, backend, training=not deterministic, window=self.window,
+                            segments=segment_ids_BxL is not None, decode=self.decode)
+    if kernel.instead_of:  # 'auto' runs another kernel than the one it prefers: say so, once
+      announce(a, backend, kinds=("banded" if self.window else "dense",))
+    if kernel.name == "cached":
       out_BxLxNxH = self._cached(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, positions_BxL)
-    elif a.prefix_len:  # prefix tuning: every query also sees this layer's learned K/V prefix
-      out_BxLxNxH = self._prefixed(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, segment_ids_BxL, deterministic)
-    elif a.attn_dropout > 0.0 and not deterministic:
-      out_BxLxNxH = xla_attention(
-          q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, causal_mask(length, self.window, segment_ids_BxL),
-          a.attn_dropout, self.make_rng("dropout"))
-    elif a.attention_impl == "cudnn" or (a.attention_impl is None
-                                         and jax.default_backend() == "gpu"):
-      mask = None
-      if segment_ids_BxL is not None:
-        mask = (segment_ids_BxL[:, None, :, None] == segment_ids_BxL[:, None, None, :])
-      out_BxLxNxH = jax.nn.dot_product_attention(
-          q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, mask=mask, is_causal=True,
-          local_window_size=None if self.window is None else (self.window - 1, 0),
-          implementation=a.attention_impl)
+    elif kernel.name == "prefixed":
+      out_BxLxNxH = self._prefixed(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, segment_ids_BxL,
+                                   kernel.dropout)
+    elif kernel.dropout:
+      out_BxLxNxH = xla_causal_attention(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, self.window,
+                                         segment_ids_BxL, kernel.dropout, self.make_rng("dropout"))
     else:
-      out_BxLxNxH = blocked_causal_attention(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, self.window,
-                                             segment_ids_BxL)
+      out_BxLxNxH = KERNELS[kernel.name](q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, self.window,
+                                         segment_ids_BxL)
     out_BxLxNxH = checkpoint_name(out_BxLxNxH, "attn_out")
     out_BxLxNxH = nn.with_logical_constraint(out_BxLxNxH, ("batch", "length", "heads", "kv"))
     return Linear((a.n_heads, a.d_head), (a.d_model,), ("heads", "kv", "embed"), resid_std, a.dtype,
@@ -124,9 +303,9 @@ class Attention(nn.Module):
     return cached_attention(q_BxLxNxH, k_BxNxTxH, v_BxNxTxH, mask_Bx1xLxT)
 
   def _prefixed(self, q_BxLxNxH: Array, k_BxLxNxH: Array, v_BxLxNxH: Array,
-                segment_ids_BxL: Array | None, deterministic: bool) -> Array:
+                segment_ids_BxL: Array | None, dropout_rate: float) -> Array:
     """Attention over [prefix; keys]: P learned key/value positions every query (and segment)
-    sees before its causal window (Li & Liang 2021)."""
+    sees before its causal window (Li & Liang 2021), with attention dropout at `dropout_rate`."""
     a = self.args
     b, length = k_BxLxNxH.shape[:2]
 
@@ -140,121 +319,7 @@ class Attention(nn.Module):
                                                                                v_BxLxNxH)
     causal = causal_mask(length, self.window, segment_ids_BxL)
     mask = jnp.concatenate([jnp.ones(causal.shape[:3] + (a.prefix_len,), bool), causal], axis=-1)
-    if a.attn_dropout > 0.0 and not deterministic:
-      return xla_attention(q_BxLxNxH, k_BxTxNxH, v_BxTxNxH, mask, a.attn_dropout,
+    if dropout_rate:
+      return xla_attention(q_BxLxNxH, k_BxTxNxH, v_BxTxNxH, mask, dropout_rate,
                            self.make_rng("dropout"))
     return xla_attention(q_BxLxNxH, k_BxTxNxH, v_BxTxNxH, mask)
-
-
-@jax.custom_vjp
-def softmax(x: Array) -> Array:
-  """jax.nn.softmax over the last axis, whose backward pass keeps only the output.
-
-  (Differentiating jax.nn.softmax keeps the exponentials as well: one more [B, N, L, L] array per
-  layer held from the forward to the backward pass.)
-  """
-  return jax.nn.softmax(x, axis=-1)
-
-
-def _softmax_fwd(x):
-  y = jax.nn.softmax(x, axis=-1)
-  return y, y
-
-
-def _softmax_bwd(y, dy):
-  return (y * (dy - (dy * y).sum(-1, keepdims=True)),)
-
-
-softmax.defvjp(_softmax_fwd, _softmax_bwd)
-
-
-def xla_attention(q_BxLxNxH: Array, k_BxTxNxH: Array, v_BxTxNxH: Array, mask: Array,
-                  dropout_rate: float = 0.0, dropout_rng: Array | None = None) -> Array:
-  """softmax(q k^T / sqrt(H), masked) v, scores and softmax in float32, compiled by XLA.
-
-  The same math as jax.nn.dot_product_attention's XLA path, with a softmax that keeps only the
-  probabilities for the backward pass, and optional attention dropout.
-
-  Args:
-    q_BxLxNxH: queries.
-    k_BxTxNxH: keys (T = L, or L plus a prefix).
-    v_BxTxNxH: values; their dtype is the compute dtype the probabilities are cast to.
-    mask: boolean, broadcastable to [B, N, L, T]; True where the query sees the key.
-    dropout_rate: the probability of zeroing each attention probability. Each batch row, head,
-      query and key draws its own (as GPT-2 does); kept probabilities are scaled by 1 / (1 - rate).
-    dropout_rng: the PRNG key for the dropout mask (needed if dropout_rate > 0).
-  """
-  scores_BxNxLxT = jnp.einsum("bqnh,bknh->bnqk", q_BxLxNxH, k_BxTxNxH,
-                              preferred_element_type=jnp.float32)
-  scores_BxNxLxT = jnp.where(mask, scores_BxNxLxT / math.sqrt(q_BxLxNxH.shape[-1]),
-                             jnp.finfo(jnp.float32).min)
-  probs_BxNxLxT = softmax(scores_BxNxLxT)
-  if dropout_rate > 0.0:
-    keep_BxNxLxT = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BxNxLxT.shape)
-    probs_BxNxLxT = jnp.where(keep_BxNxLxT, probs_BxNxLxT / (1.0 - dropout_rate), 0.0)
-  return jnp.einsum("bnqk,bknh->bqnh", probs_BxNxLxT.astype(v_BxTxNxH.dtype), v_BxTxNxH)
-
-
-def blocked_causal_attention(q_BxLxNxH: Array, k_BxLxNxH: Array, v_BxLxNxH: Array,
-                             window: int | None, segment_ids_BxL: Array | None) -> Array:
-  """Causal (optionally banded) attention that never computes a fully masked block.
-
-  The queries are cut into blocks of C = max(64, L / 8) rows; block i attends only to the keys
-  some query of it can see, [max(0, i C - window + 1), (i + 1) C), so a dense causal layer does
-  about half the score work and a banded one a band's worth. Each block holds all of its keys, so
-  its softmax is the ordinary one: the result equals `xla_attention` with the full mask. On CPU
-  this is about 1.5x faster than one [L, L] product per head, forward and backward (fewer FLOPs, a
-  smaller softmax; benchmarks/attention.py); the heads-major [B, N, L, H] layout lets XLA call its
-  batched matmul without copying per block.
-  """
-  length = q_BxLxNxH.shape[1]
-  block = max(64, -(-length // 8))
-  mask = causal_mask(length, window, segment_ids_BxL)
-  if length < 2 * block:
-    return xla_attention(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, mask)
-  q_BxNxLxH, k_BxNxLxH, v_BxNxLxH = (x.transpose(0, 2, 1, 3)
-                                     for x in (q_BxLxNxH, k_BxLxNxH, v_BxLxNxH))
-  outs = []
-  for start in range(0, length, block):
-    end = min(start + block, length)
-    first = 0 if window is None else max(0, start - window + 1)
-    scores_BxNxCxK = jnp.einsum("bnqh,bnkh->bnqk", q_BxNxLxH[:, :, start:end],
-                                k_BxNxLxH[:, :, first:end], preferred_element_type=jnp.float32)
-    scores_BxNxCxK = jnp.where(mask[:, :, start:end, first:end],
-                               scores_BxNxCxK / math.sqrt(q_BxLxNxH.shape[-1]),
-                               jnp.finfo(jnp.float32).min)
-    probs_BxNxCxK = softmax(scores_BxNxCxK).astype(v_BxLxNxH.dtype)
-    outs.append(jnp.einsum("bnqk,bnkh->bnqh", probs_BxNxCxK, v_BxNxLxH[:, :, first:end]))
-  return jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3)
-
-
-def cached_attention(q_BxLxNxH: Array, k_BxNxTxH: Array, v_BxNxTxH: Array,
-                     mask_Bx1xLxT: Array) -> Array:
-  """softmax(q k^T / sqrt(H), masked) v for L queries over T cached keys (no backward pass)."""
-  scores_BxNxLxT = jnp.einsum("blnh,bnth->bnlt", q_BxLxNxH, k_BxNxTxH,
-                              preferred_element_type=jnp.float32)
-  scores_BxNxLxT = jnp.where(mask_Bx1xLxT, scores_BxNxLxT / math.sqrt(q_BxLxNxH.shape[-1]),
-                             jnp.finfo(jnp.float32).min)
-  probs_BxNxLxT = jax.nn.softmax(scores_BxNxLxT, axis=-1).astype(v_BxNxTxH.dtype)
-  return jnp.einsum("bnlt,bnth->blnh", probs_BxNxLxT, v_BxNxTxH)
-
-
-def position_mask(q_pos_BxL: Array, k_pos_BxT: Array, window: int | None) -> Array:
-  """Boolean [B, 1, L, T] mask by positions: q sees k iff 0 <= k <= q (and q - k < window)."""
-  q, k = q_pos_BxL[:, None, :, None], k_pos_BxT[:, None, None, :]
-  mask = (k >= 0) & (k <= q)
-  if window is not None:
-    mask &= q - k < window
-  return mask
-
-
-def causal_mask(length: int, window: int | None, segment_ids_BxL: Array | None) -> Array:
-  """Boolean [B or 1, 1, L, L] mask: query i sees key j iff j <= i (and i - j < window)."""
-  i, j = jnp.arange(length)[:, None], jnp.arange(length)[None, :]
-  mask = j <= i
-  if window is not None:
-    mask &= i - j < window
-  mask = mask[None, None]
-  if segment_ids_BxL is not None:
-    mask = mask & (segment_ids_BxL[:, None, :, None] == segment_ids_BxL[:, None, None, :])
-  return mask

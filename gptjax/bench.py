@@ -7,9 +7,18 @@
 given, a reference implementation's step in interleaved rounds, so that all three see the same
 background load; the ratios it reports are therefore steadier than the absolute numbers on a shared
 machine. Every time is a median over the timed rounds, each ended by `block_until_ready`.
+
+`accelerator_suite` is the ready benchmark for one GPU or TPU (`scripts/bench.py
+--suite=accelerator`): GPT-2 small and GPT-3 XL with their accelerator overlays
+(configs/accelerators.py), each compiled ahead of time so compile time stands apart from step time,
+with tokens/s, MFU (PaLM FLOPs, and with the banded layers' attention counted over their window),
+peak device memory, the fused attention kernel found in the compiled HLO, and a bfloat16 square
+GEMM measured in the same run as the practical ceiling. On CPU it runs small stand-ins.
 """
 
+import gc
 import os
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -19,6 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+import configs
 from gptjax import accounting, config as config_lib, optim, plan, sharding
 from gptjax.data import pipeline
 from gptjax.model import ModelArgs
@@ -169,3 +179,231 @@ def run(cfg: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2,
 def measure_train_step(cfg: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> dict:
   """The gptjax train step alone: tokens/s, step and compile time, FLOPs per token, MFU."""
   return run(cfg, steps, warmup, matmul_shape=None)
+
+
+# ---- the accelerator suite -------------------------------------------------------------------
+SUITE_PRESETS = ("gpt2:small", "gpt3:xl")
+# CPU (CI): stand-ins of the same family and overlay, small enough to compile and step in seconds.
+CPU_STAND_INS = {
+    "gpt2:small": {"n_layers": 2, "d_model": 64, "n_heads": 4, "d_head": 0, "ctx": 64,
+                   "vocab_size": 512},
+    "gpt3:xl": {"n_layers": 2, "d_model": 64, "n_heads": 2, "d_head": 0, "ctx": 128,
+                "local_window": 32, "vocab_size": 512},
+}
+CPU_ROWS = 2  # sequences per step of a CPU stand-in
+GEMM_N = {"gpu": 8192, "tpu": 8192, "cpu": 512}  # square bfloat16 GEMM of the ceiling
+# custom-call targets of fused kernels in compiled HLO: cuDNN's fused attention (what
+# jax.nn.dot_product_attention(implementation='cudnn') lowers to), Pallas / Mosaic TPU kernels
+# (Splash attention), Pallas Triton and Mosaic GPU kernels.
+FUSED_KERNEL_TARGETS = (r"__cudnn\$fmha\w*", r"tpu_custom_call", r"__gpu\$xla\.gpu\.triton",
+                        r"mosaic_gpu\w*")
+NONE_FOUND = "none found"
+
+
+def find_fused_kernels(hlo_text: str) -> dict[str, int]:
+  """{custom-call target: calls} of the fused attention / Pallas kernels in compiled HLO text
+  (`compiled.as_text()`); a TPU kernel is named by its kernel_name when the line has one."""
+  found: dict[str, int] = {}
+  for line in hlo_text.splitlines():
+    m = re.search(r'custom_call_target="([^"]+)"', line)
+    if not m or not any(re.fullmatch(p, m.group(1)) for p in FUSED_KERNEL_TARGETS):
+      continue
+    name = m.group(1)
+    kernel = re.search(r'kernel_name\\?"?[=:]\s*\\?"([\w.\-]+)', line)
+    if kernel:
+      name = f"{name}:{kernel.group(1)}"
+    found[name] = found.get(name, 0) + 1
+  return dict(sorted(found.items()))
+
+
+def describe_kernels(found: dict[str, int]) -> str:
+  return ", ".join(f"{k} x{n}" for k, n in found.items()) or NONE_FOUND
+
+
+def flops_per_token_banded(args: ModelArgs, seq_len: int | None = None) -> float:
+  """PaLM's training FLOPs per token with each locally banded layer's attention counted over its
+  window: 6N + 12·H·Q·(sum over layers of the keys a query sees), T for a dense layer (as PaLM
+  counts it) and the band width w (at most T) for a banded one. Equals
+  `accounting.flops_per_token` for dense models."""
+  t = seq_len or args.ctx
+  keys = sum(min(args.window(i) or t, t) for i in range(args.n_layers))
+  return 6.0 * accounting.param_counts(args).matmul + 12.0 * args.n_heads * args.d_head * keys
+
+
+def suite_config(preset: str, backend: str, n_devices: int = 1,
+                 memory_limit: float | None = None) -> tuple[ml_collections.ConfigDict, str]:
+  """The suite's config of `preset` ('gpt2:small') on `n_devices` devices, and how its
+  micro-batch was chosen.
+
+  The preset with its accelerator overlay ('gpu' on CPU too), one micro-batch per step (no batch
+  ramp, no accumulation), FSDP over the devices. The remat policy and micro-batch are what the
+  planner picks for `memory_limit` bytes per device (the allocator's limit), with the overlay's
+  larger loss chunk counted; without a limit (CPU) the stand-in's `CPU_ROWS` sequences per device.
+  """
+  cfg = configs.load(f"{preset},{'gpu' if backend == 'cpu' else backend}")
+  with cfg.unlocked():
+    if backend == "cpu":
+      cfg.model.update(CPU_STAND_INS[preset])
+      cfg.name += " (cpu stand-in)"
+    cfg.optim.batch_ramp_tokens = 0
+    cfg.mesh.update(data=1, fsdp=n_devices, tensor=1)
+    if memory_limit is None:
+      rows, how = CPU_ROWS * n_devices, f"{CPU_ROWS} rows per device (stand-in)"
+    else:
+      from configs import accelerators  # pylint: disable=import-outside-toplevel
+      fit = accelerators.derive_fit(cfg, backend, n_devices=n_devices, memory=memory_limit)
+      if fit is None:
+        raise config_lib.ConfigError(
+            f"{preset}: no remat policy and micro-batch fit {memory_limit / 1e9:.1f} GB per device "
+            f"on {n_devices} device(s) by the planner's estimate; run the suite on more devices.")
+      cfg.model.remat, rows, _ = fit
+      how = (f"planner: remat {fit[0]}, {rows // n_devices} rows per device fit the allocator's "
+             f"{memory_limit / 1e9:.1f} GB")
+    cfg.train.update(global_batch=rows, micro_batch=rows)
+  return cfg, how
+
+
+def _peak_bytes(device) -> float | None:
+  stats = device.memory_stats()
+  return None if not stats or "peak_bytes_in_use" not in stats else float(
+      stats["peak_bytes_in_use"])
+
+
+def measure_suite_model(cfg: ml_collections.ConfigDict, devices, steps: int, warmup: int,
+                        peak: float | None, gemm_flops: float) -> dict:
+  """One row of the suite: compile (lower + compile, timed apart), steps, memory, kernels."""
+  config_lib.validate(cfg, n_devices=len(devices))
+  args = ModelArgs.from_config(cfg.model)
+  trainer = plan.build_trainer(cfg, sharding.make_mesh(cfg.mesh, devices))
+  state = trainer.init_state()
+  batch = jax.device_put(random_batch(cfg, cfg.seed), trainer.batch_sharding())
+  start = time.perf_counter()
+  compiled = trainer.lower_step(batch).compile()
+  compile_s = time.perf_counter() - start
+  kernels = find_fused_kernels(compiled.as_text())
+  m = compiled.memory_analysis()
+  compiled_peak = None if m is None else float(
+      m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+      + m.temp_size_in_bytes)
+  times, metrics = [], None
+  for i in range(warmup + steps):
+    t0 = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    if i >= warmup:
+      times.append(time.perf_counter() - t0)
+  step_s = statistics.median(times)
+  seq_len = optim.seq_len(cfg)
+  tokens = int(batch["inputs"].size)
+  tokens_per_s = tokens / step_s
+  flops, banded = accounting.flops_per_token(args, seq_len), flops_per_token_banded(args, seq_len)
+  per_device = tokens_per_s / len(devices)
+  row = {
+      "preset": cfg.name, "params": accounting.param_counts(args).total, "dtype": cfg.model.dtype,
+      "seq_len": seq_len, "micro_batch": cfg.train.micro_batch, "remat": cfg.model.remat,
+      "scan_layers": cfg.model.scan_layers, "attention_impl": cfg.model.attention_impl,
+      "loss_chunk_rows": cfg.train.loss_chunk_rows, "tokens_per_step": tokens,
+      "compile_s": round(compile_s, 2), "step_s": round(step_s, 5),
+      "tokens_per_s": round(tokens_per_s, 1), "flops_per_token": flops,
+      "flops_per_token_banded": banded,
+      "mfu": None if peak is None else round(per_device * flops / peak, 4),
+      "mfu_banded": None if peak is None else round(per_device * banded / peak, 4),
+      "mfu_vs_gemm": round(per_device * flops / gemm_flops, 4),
+      "mfu_banded_vs_gemm": round(per_device * banded / gemm_flops, 4),
+      "peak_memory_bytes": _peak_bytes(devices[0]), "compiled_memory_bytes": compiled_peak,
+      "attention_kernel": describe_kernels(kernels), "loss": round(float(metrics["loss"]), 4),
+  }
+  del state, compiled, batch, trainer
+  gc.collect()
+  return row
+
+
+def accelerator_suite(steps: int = 10, warmup: int = 2, n_devices: int = 1,
+                      presets: tuple[str, ...] = SUITE_PRESETS, gemm_n: int | None = None) -> dict:
+  """GPT-2 small and GPT-3 XL in bfloat16 with their accelerator overlays on `n_devices` devices of
+  the default backend, and a bfloat16 square GEMM as the measured ceiling; a JSON-ready dict (see
+  `format_suite`). On CPU the models are `CPU_STAND_INS` and the output says so."""
+  start = time.perf_counter()
+  backend = jax.default_backend()
+  devices = jax.devices()[:n_devices]
+  if len(devices) < n_devices:
+    raise config_lib.ConfigError(f"--suite_devices={n_devices}: this process has "
+                                 f"{len(devices)} {backend} device(s).")
+  device = devices[0]
+  peak = accounting.peak_flops_of(device)
+  n = gemm_n or GEMM_N.get(backend, GEMM_N["cpu"])
+  gemm, gemm_flop = make_matmul((n, n, n), jnp.bfloat16, device)
+  first, times = interleaved_times({"gemm": gemm}, max(steps, 5), warmup)
+  gemm_flops = gemm_flop / statistics.median(times["gemm"])
+  stats = device.memory_stats() or {}
+  limit = float(stats["bytes_limit"]) if "bytes_limit" in stats else None
+  note = ("cpu: small stand-ins of each preset (the 'gpu' overlay, "
+          + "; ".join(f"{p}: {CPU_STAND_INS[p]}" for p in presets) + ") replace the real models"
+          if backend == "cpu" else f"{backend}: the presets with their '{backend}' overlay")
+  rows = []
+  for preset in presets:
+    try:
+      cfg, how = suite_config(preset, backend, n_devices, limit)
+    except config_lib.ConfigError as e:  # e.g. GPT-3 XL with Adam on one 16 GB TPU chip
+      rows.append({"preset": preset, "skipped": str(e)})
+      continue
+    rows.append({**measure_suite_model(cfg, devices, steps, warmup, peak, gemm_flops),
+                 "micro_batch_from": how})
+  return {
+      "suite": "accelerator", "backend": backend, "device_kind": device.device_kind,
+      "devices": len(devices), "note": note, "jax": jax.__version__,
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "libtpu_init_args": os.environ.get("LIBTPU_INIT_ARGS", ""),
+      "memory_limit_bytes": limit, "datasheet_peak_flops": peak,
+      "gemm": {"n": n, "dtype": "bfloat16", "compile_s": round(first["gemm"], 3),
+               "tflops": round(gemm_flops / 1e12, 4),
+               "fraction_of_datasheet": None if peak is None else round(gemm_flops / peak, 4)},
+      "models": rows, "steps": steps, "warmup": warmup,
+      "total_s": round(time.perf_counter() - start, 1),
+  }
+
+
+def _pct(x: float | None) -> str:
+  return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _gb(x: float | None) -> str:
+  return "-" if x is None else f"{x / 1e9:.2f} GB"
+
+
+def format_suite(r: dict) -> str:
+  """The suite's result as a table, one column per model."""
+  g = r["gemm"]
+  lines = [f"accelerator suite on {r['devices']} x {r['device_kind']} ({r['backend']}), "
+           f"jax {r['jax']}: {r['note']}",
+           f"bf16 GEMM {g['n']}^3: {g['tflops']:.2f} TFLOP/s measured"
+           + (f" = {_pct(g['fraction_of_datasheet'])} of the datasheet "
+              f"{r['datasheet_peak_flops'] / 1e12:.0f} TFLOP/s" if r["datasheet_peak_flops"]
+              else " (no datasheet peak for this device)")]
+  fields = [
+      ("micro-batch (sequences)", lambda m: f"{m['micro_batch']} x {m['seq_len']}"),
+      ("remat / scan / loss chunk",
+       lambda m: f"{m['remat']} / {'scan' if m['scan_layers'] else 'unrolled'} / "
+                 f"{m['loss_chunk_rows']}"),
+      ("compile s", lambda m: f"{m['compile_s']:.2f}"),
+      ("step s (median)", lambda m: f"{m['step_s']:.4f}"),
+      ("tokens/s", lambda m: f"{m['tokens_per_s']:,.0f}"),
+      ("MFU (PaLM) vs datasheet", lambda m: _pct(m["mfu"])),
+      ("MFU (banded) vs datasheet", lambda m: _pct(m["mfu_banded"])),
+      ("MFU (PaLM) vs GEMM", lambda m: _pct(m["mfu_vs_gemm"])),
+      ("MFU (banded) vs GEMM", lambda m: _pct(m["mfu_banded_vs_gemm"])),
+      ("peak device memory", lambda m: _gb(m["peak_memory_bytes"])),  # process high-water mark
+      ("compiled step memory", lambda m: _gb(m["compiled_memory_bytes"])),
+      ("attention kernel (HLO)", lambda m: m["attention_kernel"]),
+      ("loss", lambda m: f"{m['loss']:.4f}"),
+  ]
+  width = max(len(name) for name, _ in fields) + 2
+  ran = [m for m in r["models"] if "skipped" not in m]
+  colw = max(24, *(len(m["preset"]) + 2 for m in ran)) if ran else 24
+  lines.append(" " * width + "".join(m["preset"].ljust(colw) for m in ran))
+  for name, get in fields:
+    lines.append(name.ljust(width) + "".join(get(m).ljust(colw) for m in ran))
+  lines += [f"  {m['preset']}: {m['micro_batch_from']}" for m in ran]
+  lines += [f"  {m['preset']}: SKIPPED: {m['skipped']}" for m in r["models"] if "skipped" in m]
+  lines.append(f"total {r['total_s']:.1f} s")
+  return "\n".join(line.rstrip() for line in lines)

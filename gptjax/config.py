@@ -6,7 +6,10 @@
 import jax
 import ml_collections
 
-from gptjax import eval_tasks, heads, model as model_lib, optim, peft, prune, quantize_spec
+import dataclasses
+
+from gptjax import attention, eval_tasks, heads, model as model_lib, optim, peft, prune
+from gptjax import quantize_spec
 from gptjax.errors import ConfigError
 # Re-exported: the mesh's names and checks live with the meshes.
 from gptjax.sharding import (LOGICAL_AXES, MESH_AXES, mesh_order, mesh_shape,  # noqa: F401
@@ -43,14 +46,27 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
          f"{m.n_layers} layers cannot alternate {m.attention!r} attention in periods of {period}",
          f"Use a multiple of {period} layers or model.attention='dense'.")
   _check(m.local_window >= 1, "model.local_window", "must be >= 1", "Set a band width in tokens.")
-  _check(m.attention_impl in ("auto", "xla", "cudnn"), "model.attention_impl",
-         f"unknown implementation {m.attention_impl!r}", "Use 'auto', 'xla' or 'cudnn'.")
+  _check(m.attention_impl in attention.IMPLEMENTATIONS, "model.attention_impl",
+         f"unknown kernel {m.attention_impl!r}", f"Use one of {attention.IMPLEMENTATIONS}.")
   _check(m.dtype in model_lib.DTYPES, "model.dtype", f"unknown dtype {m.dtype!r}",
          f"Use one of {sorted(model_lib.DTYPES)}.")
   for key in ("embd_dropout", "attn_dropout", "resid_dropout"):
     _check(0.0 <= m[key] < 1.0, f"model.{key}", f"must be in [0, 1), got {m[key]}",
            "Use 0 to disable dropout.")
   _check(m.init_std > 0, "model.init_std", "must be > 0", "GPT-2 uses 0.02.")
+
+
+def validate_attention(cfg: ml_collections.ConfigDict, backend: str) -> None:
+  """Checks that `model.attention_impl` can run on `backend`, for training and evaluation of every
+  layer kind (`attention.resolve_kernel`, which raises the ConfigError)."""
+  args = model_lib.ModelArgs.from_config(cfg.model)
+  f = cfg.finetune
+  if f.train_path and f.peft == "prefix":  # a prefix-tuning run: its own attention path
+    args = dataclasses.replace(args, prefix_len=f.prefix_len)
+  for window in dict.fromkeys(args.window(i) for i in range(len(args.pattern))):
+    for training in (True, False):
+      attention.resolve_kernel(args, backend, training=training, window=window,
+                               segments=cfg.data.document_mask)
 
 
 def validate_eval(e: ml_collections.ConfigDict) -> None:
@@ -110,10 +126,13 @@ def validate_compress(cfg: ml_collections.ConfigDict) -> None:
   prune.check(cfg.compress.prune)
 
 
-def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> None:
-  """Checks the whole config; `n_devices` defaults to `jax.device_count()`."""
+def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None,
+             backend: str | None = None) -> None:
+  """Checks the whole config; `n_devices` defaults to `jax.device_count()`, `backend` (what the
+  attention kernels must run on) to this process's (`attention.current_backend()`)."""
   m, t, o = cfg.model, cfg.train, cfg.optim
   validate_model(m)
+  validate_attention(cfg, attention.current_backend() if backend is None else backend)
   validate_rules(cfg.mesh.rules)
   seq_len = optim.seq_len(cfg)
   _check(0 < seq_len <= m.ctx, "train.seq_len", f"{seq_len} exceeds the model context {m.ctx}",

@@ -348,23 +348,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str,
   """
   devices = jax.devices() if devices is None else devices
   f, t, ck = cfg.finetune, cfg.train, cfg.checkpoint
-  if not f.train_path:
-    raise ConfigError("config.finetune.train_path: is empty. Point it at a JSON Lines file of "
-                      "training examples (formats: gptjax/data/sft.py).")
-  check_supported(cfg)
-  load_base = resolve_base(cfg)
-  run_lib.check(cfg, workdir)  # before anything is written there
-  tokenizer = tokenizer_lib.load_or_train(cfg.data, workdir)
-  if load_base is None:
-    cfg.model.vocab_size = tokenizer.vocab_size
-  config_lib.validate(cfg, n_devices=len(devices))
-  fmt = sft.Format.from_config(f, optim.seq_len(cfg))
-  train = sft.load(f.train_path, "finetune.train_path", fmt, tokenizer)
-  val = sft.load(f.val_path, "finetune.val_path", fmt, tokenizer) if f.val_path else None
-  if f.epochs:
-    t.update(steps=max(1, math.ceil(f.epochs * len(train.rows) / t.global_batch)), tokens=0)
-  if f.warmup_fraction:
-    cfg.optim.warmup_steps = warmup_steps(f.warmup_fraction, t.steps)
+  load_base, tokenizer, fmt, train, val = _prepare(cfg, workdir, devices)
   ft = FineTune.build(cfg, sharding.make_mesh(cfg.mesh, devices))
   plan = ft.trainer.run
   ckpt = checkpoint.Checkpointer(workdir, ck, config=cfg)
@@ -408,6 +392,30 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str,
                               ("loss", "val_loss", "val_accuracy", "val_exact_match")
                               if k in summary) + f"; outputs in {workdir}")
   return summary
+
+
+def _prepare(cfg: ml_collections.ConfigDict, workdir: str, devices):
+  """Checks the config and the workdir before anything is written, then reads the examples and
+  sets the run's length from them. Returns (load_base, tokenizer, fmt, train, val)."""
+  f, t = cfg.finetune, cfg.train
+  if not f.train_path:
+    raise ConfigError("config.finetune.train_path: is empty. Point it at a JSON Lines file of "
+                      "training examples (formats: gptjax/data/sft.py).")
+  check_supported(cfg)
+  load_base = resolve_base(cfg)
+  run_lib.check(cfg, workdir)  # before anything is written there
+  tokenizer = tokenizer_lib.load_or_train(cfg.data, workdir)
+  if load_base is None:
+    cfg.model.vocab_size = tokenizer.vocab_size
+  config_lib.validate(cfg, n_devices=len(devices))
+  fmt = sft.Format.from_config(f, optim.seq_len(cfg))
+  train = sft.load(f.train_path, "finetune.train_path", fmt, tokenizer)
+  val = sft.load(f.val_path, "finetune.val_path", fmt, tokenizer) if f.val_path else None
+  if f.epochs:
+    t.update(steps=max(1, math.ceil(f.epochs * len(train.rows) / t.global_batch)), tokens=0)
+  if f.warmup_fraction:
+    cfg.optim.warmup_steps = warmup_steps(f.warmup_fraction, t.steps)
+  return load_base, tokenizer, fmt, train, val
 
 
 def _restore(ckpt: checkpoint.Checkpointer, ft: FineTune, load_base, workdir: str):

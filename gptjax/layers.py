@@ -35,6 +35,9 @@ class ModelArgs:
   may set them to its own values. Every other field (`architecture_fields`) defines the parameters:
   a checkpoint only fits a model with the same values (`vocab_size` aside, which a run takes from
   its tokenizer).
+
+  `attention_impl` names the attention kernel: 'auto', 'blocked', 'xla', 'cudnn' or 'splash'
+  (`gptjax.attention.resolve_kernel` says which runs).
   """
 
   RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = (
@@ -54,7 +57,7 @@ class ModelArgs:
   tie_embeddings: bool = True
   attention: str = "dense"
   local_window: int = 256
-  attention_impl: str | None = None
+  attention_impl: str = "auto"
   embd_dropout: float = 0.0
   attn_dropout: float = 0.0
   resid_dropout: float = 0.0
@@ -79,7 +82,7 @@ class ModelArgs:
         d_model=m.d_model, n_heads=m.n_heads, d_head=m.d_head or m.d_model // m.n_heads,
         d_ff=m.d_ff or 4 * m.d_model, norm=m.norm, ln_eps=m.ln_eps, tie_embeddings=m.tie_embeddings,
         attention=m.attention, local_window=m.local_window,
-        attention_impl=None if m.attention_impl == "auto" else m.attention_impl,
+        attention_impl=m.attention_impl,
         embd_dropout=m.embd_dropout, attn_dropout=m.attn_dropout, resid_dropout=m.resid_dropout,
         init_std=m.init_std, scan_layers=m.scan_layers, remat=m.remat, dtype=DTYPES[m.dtype])
 

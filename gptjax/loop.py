@@ -24,7 +24,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from gptjax import accounting, checkpoint, config as config_lib, generate, metrics as metrics_lib
+from gptjax import accounting, attention, checkpoint, config as config_lib, generate
+from gptjax import metrics as metrics_lib
 from gptjax import evaluate as evaluate_lib, feed, sharding
 from gptjax import distill, run as run_lib, train as train_lib
 from gptjax.errors import ConfigError
@@ -167,7 +168,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str,
   tokenizer, mesh = prepare(cfg, workdir, devices)
   trainer = Trainer.build(cfg, mesh, **objective(cfg, tokenizer))
   suite = evaluate_lib.Suite.from_config(cfg, trainer, tokenizer)  # eval.tasks files checked now
-  plan, t, ck = trainer.run, cfg.train, cfg.checkpoint
+  plan, t = trainer.run, cfg.train
   args = trainer.model.args
   counts = accounting.param_counts(args)
   fingerprint = data_fingerprint(cfg, tokenizer)
@@ -181,30 +182,17 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str,
                                global_batch=plan.micro_batch,
                                num_batches=_validation_batches(cfg, plan, tokenizer),
                                rows=rows.rows)
-  ckpt = checkpoint.Checkpointer(workdir, ck, config=cfg)
-  restored = ckpt.restore_latest(trainer.abstract_state, init_opt_state=trainer.tx.init)
-  if restored:
-    state, meta = restored
-    if meta.get("data_fingerprint", fingerprint) != fingerprint:
-      raise ConfigError(
-          f"the checkpoint at step {meta['step']} in {workdir} was trained on another token stream:"
-          " the data its settings name has changed since (e.g. data.paths matches other files, or "
-          "they were edited), so its data position would skip or repeat data. Restore the data to "
-          f"resume, or start a new --workdir with --config.checkpoint.restore_from={workdir}.")
-    train_it.set_state(checkpoint.resume_data_state(meta, cfg, plan))
-    _log(f"resuming from the checkpoint at step {meta['step']} ({meta['tokens']:,} tokens seen)")
-  else:
-    refuse_silent_restart(ckpt, ck, workdir)
-    state = trainer.init_state()
-    if ck.restore_from:
-      abstract = trainer.abstract_state.params
-      state = state.replace(params=checkpoint.restore_params(ck.restore_from, abstract))
-      _log(f"starting from the weights of {ck.restore_from} (fresh optimizer state)")
+  ckpt = checkpoint.Checkpointer(workdir, cfg.checkpoint, config=cfg)
+  state = _restore_or_start(trainer, ckpt, cfg, workdir, train_it, fingerprint)
   if cfg.compress.distill.teacher:  # the frozen teacher is not part of the run's checkpoints
     state = state.replace(frozen=distill.restore_teacher(cfg, trainer.abstract_state.frozen))
-  run_lib.write_config(cfg, workdir)  # only now: every check above passed
+  backend = attention.current_backend()
+  resolved = json.loads(cfg.to_json_best_effort())  # with the attention kernels that run
+  resolved["model"]["attention_kernels"] = attention.kernel_record(args, backend)
+  run_lib.write_config(resolved, workdir)  # only now: every check above passed
   _log(f"{cfg.name}, {counts.total:,} params, mesh {dict(mesh.shape)}, {plan.total_steps} steps "
        f"of {plan.max_accum * plan.micro_batch} x {plan.seq_len} tokens")
+  attention.announce(args, backend)  # one line per layer kind (and phase, where they differ)
 
   def validate(state) -> dict[str, Any]:
     return {"val_loss": evaluate(trainer, state.params, eval_ds, rows),
@@ -233,6 +221,32 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str,
     _log(f"done. val loss {summary.get('val_loss', float('nan')):.4f}; outputs in {workdir} "
          "(config.json, checkpoints/, metrics.jsonl, tb/, tokenizer.model, samples.txt)")
   return summary
+
+
+def _restore_or_start(trainer: Trainer, ckpt: checkpoint.Checkpointer,
+                      cfg: ml_collections.ConfigDict, workdir: str, train_it, fingerprint: str):
+  """The latest readable checkpoint's state, with the data iterator moved to its position; else a
+  fresh state (from `checkpoint.restore_from`'s weights when set)."""
+  ck = cfg.checkpoint
+  restored = ckpt.restore_latest(trainer.abstract_state, init_opt_state=trainer.tx.init)
+  if not restored:
+    refuse_silent_restart(ckpt, ck, workdir)
+    state = trainer.init_state()
+    if ck.restore_from:
+      abstract = trainer.abstract_state.params
+      state = state.replace(params=checkpoint.restore_params(ck.restore_from, abstract))
+      _log(f"starting from the weights of {ck.restore_from} (fresh optimizer state)")
+    return state
+  state, meta = restored
+  if meta.get("data_fingerprint", fingerprint) != fingerprint:
+    raise ConfigError(
+        f"the checkpoint at step {meta['step']} in {workdir} was trained on another token stream:"
+        " the data its settings name has changed since (e.g. data.paths matches other files, or "
+        "they were edited), so its data position would skip or repeat data. Restore the data to "
+        f"resume, or start a new --workdir with --config.checkpoint.restore_from={workdir}.")
+  train_it.set_state(checkpoint.resume_data_state(meta, cfg, trainer.run))
+  _log(f"resuming from the checkpoint at step {meta['step']} ({meta['tokens']:,} tokens seen)")
+  return state
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,7 +20,9 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 Array = jax.Array
-CHUNK_ROWS = 512  # rows (tokens) per chunk of the fused loss: [512, V] float32 logits at a time
+# Rows (tokens) per chunk of the fused loss: [512, V] float32 logits at a time, sized for CPU
+# caches. The default of config.train.loss_chunk_rows (configs/base.py), which the step passes in.
+CHUNK_ROWS = 512
 
 
 def cross_entropy_sum(logits_BxLxV: Array, targets_BxL: Array, weights_BxL: Array | None = None,

@@ -169,6 +169,7 @@ def check(cfg: ml_collections.ConfigDict, workdir: str) -> None:
     new = json.loads(cfg.to_json_best_effort())
     changes = changed_settings(old, new)
     changes.pop("model.vocab_size", None)  # set from the run's own tokenizer
+    changes.pop("model.attention_kernels", None)  # what loop.run recorded, not a setting
     tokenizer_changes = {k: v for k, v in changes.items() if k.startswith("data.tokenizer.")}
     if tokenizer_changes and has_tokenizer(workdir):
       raise ConfigError(

@@ -25,6 +25,7 @@ import optax
 from jax.sharding import Mesh
 
 from gptjax import feed, loss as loss_lib, optim, sharding
+from gptjax.errors import ConfigError
 from gptjax.model import GPT, ModelArgs
 
 Batch = dict[str, jax.Array]
@@ -53,6 +54,7 @@ class StepConfig:
   z_loss: float
   dropout: bool  # any dropout rate > 0
   vocab_parallel: bool  # use the shard_map cross-entropy (tensor axis > 1)
+  loss_chunk_rows: int = loss_lib.CHUNK_ROWS  # tokens per chunk of the fused loss (train.*)
 
 
 def _hidden_and_output_embedding(model: GPT, tokens_BxL, segment_ids_BxL, deterministic):
@@ -82,7 +84,8 @@ def _loss_sum(params, micro: Batch, rng, model: GPT, sc: StepConfig, mesh: Mesh 
                                  rngs=rngs, method=_hidden_and_output_embedding)
     total, count, z = loss_lib.unembed_cross_entropy_sum(
         x_BxLxD.astype(w_VxD.dtype), w_VxD, micro["targets"], weights, sc.z_loss,
-        vocab_size=model.args.vocab_size, mesh=mesh, batch_axes=batch_axes, return_z=True)
+        vocab_size=model.args.vocab_size, chunk_rows=sc.loss_chunk_rows, mesh=mesh,
+        batch_axes=batch_axes, return_z=True)
   return total, count, ({"z_loss": z} if sc.z_loss else {})
 
 
@@ -181,7 +184,12 @@ class Trainer:
     rules = sharding.rules(cfg.mesh.rules)
     sc = StepConfig(seed=cfg.seed, z_loss=cfg.train.z_loss,
                     dropout=max(args.embd_dropout, args.attn_dropout, args.resid_dropout) > 0,
-                    vocab_parallel=mesh.shape["tensor"] > 1)
+                    vocab_parallel=mesh.shape["tensor"] > 1,
+                    # A run saved before the key existed ran with the fixed CHUNK_ROWS.
+                    loss_chunk_rows=cfg.train.get("loss_chunk_rows", loss_lib.CHUNK_ROWS))
+    if sc.loss_chunk_rows < 1:
+      raise ConfigError(f"config.train.loss_chunk_rows: must be >= 1, got {sc.loss_chunk_rows}. "
+                        f"Use e.g. {loss_lib.CHUNK_ROWS} (tokens per chunk of the fused loss).")
     seq_len = run.seq_len
 
     def init_boxed(rng):

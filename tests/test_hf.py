@@ -237,9 +237,9 @@ def max_scaled_errors(got, want) -> dict[str, float]:
 # Float32 on CPU, torch and XLA summing in different orders. Measured, per leaf,
 # max |ours - torch| / max |torch|, largest over the leaves: 7.0e-7 dense and padded
 # (mlp/fc/kernel), 8.5e-7 banded (block_0/ln_2/bias).
-# A sign flipped in the custom softmax VJP (gptjax/attention.py `_softmax_bwd`) gives 1.69 dense
-# and padded (attn/qkv/kernel) and 0.39 banded: the tolerance is 6x the first and far below the
-# second.
+# A sign flipped in the custom softmax VJP (gptjax/attention_kernels.py `_softmax_bwd`) gives 1.69
+# dense and padded (attn/qkv/kernel) and 0.39 banded: the tolerance is 6x the first and far below
+# the second.
 GRAD_TOL = 5e-6
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from gptjax import attention as attention_lib
+from gptjax import attention_kernels as attention_lib
 from gptjax import layout
 from gptjax.loss import cross_entropy
 from gptjax.model import GPT, Attention, ModelArgs

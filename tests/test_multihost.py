@@ -106,6 +106,26 @@ def assert_same_losses(got: dict, want: dict, steps) -> None:
       np.testing.assert_allclose(got[s][1], want[s][1], rtol=RTOL, err_msg=f"val loss, step {s}")
 
 
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """One corpus and tokenizer for the module, so that every run reads the same token stream."""
+  return tmp_path_factory.mktemp("corpus")
+
+
+_REFERENCES: dict[int, dict] = {}
+
+
+def reference(data_dir, n_devices: int) -> dict:
+  """The losses of one process training data-parallel over `n_devices` devices: every mesh of that
+  many devices, in one process or several, must reproduce them (layouts only reorder sums)."""
+  if n_devices not in _REFERENCES:
+    workdir = data_dir / f"one_process_dp{n_devices}"
+    train(workdir, flags_for(data_dir, {"data": n_devices}), processes=1,
+          devices_per_process=n_devices)
+    _REFERENCES[n_devices] = losses(workdir)
+  return _REFERENCES[n_devices]
+
+
 MATRIX = [  # (processes, devices per process, mesh)
     (2, 1, {"tensor": 2}), (2, 1, {"fsdp": 2}),
     (2, 2, {"tensor": 4}), (2, 2, {"fsdp": 2, "tensor": 2, "order": SPAN}),
@@ -116,23 +136,21 @@ MATRIX = [  # (processes, devices per process, mesh)
 @pytest.mark.parametrize("processes, per_process, mesh", MATRIX,
                          ids=["2x1-tp2", "2x1-fsdp2", "2x2-tp4", "2x2-fsdp2xtp2-span",
                               "2x2-dp2xtp2-span"])
-def test_every_mesh_trains_across_processes_like_one_process(tmp_path, processes, per_process,
-                                                            mesh):
-  flags = flags_for(tmp_path, mesh)
-  train(tmp_path / "one", flags, processes=1, devices_per_process=processes * per_process)
+def test_every_mesh_trains_across_processes_like_one_process(tmp_path, data_dir, processes,
+                                                            per_process, mesh):
+  flags = flags_for(data_dir, mesh)
   train(tmp_path / "two", flags, processes=processes, devices_per_process=per_process)
-  want, got = losses(tmp_path / "one"), losses(tmp_path / "two")
+  want, got = reference(data_dir, processes * per_process), losses(tmp_path / "two")
   print(f"max relative loss difference {max_rel_diff(got, want, range(1, STEPS + 1)):.2e}")
   assert_same_losses(got, want, range(1, STEPS + 1))
 
 
 @pytest.mark.parametrize("mesh", [{"fsdp": 4}, {"data": 2, "tensor": 2}], ids=["fsdp4", "dp2xtp2"])
-def test_two_processes_train_and_resume_like_one(tmp_path, mesh):
-  flags = flags_for(tmp_path, mesh)
-  one, two = tmp_path / "one_process", tmp_path / "two_processes"
-  train(one, flags, processes=1, devices_per_process=4)
+def test_two_processes_train_and_resume_like_one(tmp_path, data_dir, mesh):
+  flags = flags_for(data_dir, mesh)
+  two = tmp_path / "two_processes"
   outputs = train(two, flags, processes=2, devices_per_process=2)
-  want = losses(one)
+  want = reference(data_dir, 4)
   print(f"max relative loss difference {max_rel_diff(losses(two), want, range(1, STEPS + 1)):.2e}")
   assert_same_losses(losses(two), want, range(1, STEPS + 1))
   assert "resuming" not in "".join(outputs)
@@ -156,8 +174,8 @@ def test_two_processes_train_and_resume_like_one(tmp_path, mesh):
   assert_same_losses(losses(damaged), want, range(4, STEPS + 1))
 
 
-def test_evaluation_and_fine_tuning_across_processes_with_tensor_spanning_them(tmp_path):
-  flags = flags_for(tmp_path, {"tensor": 2})
+def test_evaluation_and_fine_tuning_across_processes_with_tensor_spanning_them(tmp_path, data_dir):
+  flags = flags_for(data_dir, {"tensor": 2})
   base = tmp_path / "base"
   train(base, flags, processes=1, devices_per_process=2)
   data = os.path.join(ROOT, "tests", "data")

@@ -194,3 +194,17 @@ def test_script_sets_up_its_own_fake_devices():
       [sys.executable, os.path.join(ROOT, "scripts", "plan.py"), "--config=configs/tiny.py",
        "--devices=8", "--mesh=fsdp=8"], capture_output=True, text=True, check=False, cwd=ROOT)
   assert bad.returncode != 0 and "is not 'axis:size'" in bad.stderr
+
+
+@pytest.mark.parametrize("spec", ["gpt2:small,gpu", "gpt3:xl,gpu"])
+def test_accelerator_presets_lower_with_the_planner(spec):
+  """The GPU overlays as written fit 8 H100s by the estimate, and the real sharded step lowers for
+  them on 8 fake devices (compiling it is what `scripts/plan.py` adds; see README, Accelerators)."""
+  cfg = configs.load(spec)
+  report = plan.make(cfg, 8, "h100", compile_step=False)
+  assert report.fits and report.mesh == {"data": 1, "fsdp": 8, "tensor": 1}
+  assert report.dtype == "bfloat16" and report.accum * report.micro_batch == cfg.train.global_batch
+  text = plan.lower_step(cfg, jax.devices()[:8]).as_text()
+  rows = cfg.train.micro_batch // 8
+  assert f"tensor<{rows}x{cfg.model.ctx}x" in text  # each device's rows of the micro-batch
+  assert "bf16" in text

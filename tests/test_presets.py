@@ -6,8 +6,8 @@ import jax
 import pytest
 
 import configs
-from configs import sizes
-from gptjax import accounting, config as config_lib, optim
+from configs import accelerators, sizes
+from gptjax import accounting, config as config_lib, loss, optim
 from gptjax.model import ModelArgs
 
 PUBLISHED = [k.replace("-", ":", 1) if "-" in k else k for k in sizes.SIZES]
@@ -107,3 +107,60 @@ def test_unknown_preset_names_are_clear_errors():
     configs.load("gpt3:huge")
   with pytest.raises(ValueError, match="Unknown config file"):
     configs.load("gpt4:small")
+
+
+# ---- accelerator overlays (configs/accelerators.py) ------------------------------------------
+
+
+def test_backend_suffixes_parse_and_unknown_ones_are_clear_errors():
+  assert accelerators.split("xl,gpu") == ("xl", "gpu")
+  assert accelerators.split("gpu") == ("", "gpu") and accelerators.split("xl") == ("xl", None)
+  assert accelerators.split("") == ("", None)
+  for bad in ("xl,cuda", "xl,gpu,tpu"):
+    with pytest.raises(ValueError, match="size,backend"):
+      configs.load(f"gpt3:{bad}")
+  plain, fast = configs.load("gpt3:xl"), configs.load("gpt3:xl,gpu")
+  assert (plain.name, fast.name) == ("gpt3-xl", "gpt3-xl-gpu")
+  assert (plain.model.dtype, plain.model.attn_dropout) == ("float32", 0.1)  # no suffix: unchanged
+  assert plain.train.loss_chunk_rows == loss.CHUNK_ROWS == accelerators.BASE_LOSS_CHUNK_ROWS
+  assert configs.load("gpt1:tpu").name == "gpt1-tpu"
+  assert len(configs.accelerator_presets()) == 2 * len(sizes.SIZES)
+
+
+@pytest.mark.parametrize("spec", configs.accelerator_presets())
+def test_every_accelerator_preset_validates_for_8_devices(spec):
+  cfg = configs.load(spec)
+  backend = cfg.name.rsplit("-", 1)[1]
+  config_lib.validate(cfg, n_devices=8)
+  m = cfg.model
+  assert (m.dtype, m.attn_dropout, m.attention_impl) == ("bfloat16", 0.0, "auto")
+  assert m.embd_dropout == m.resid_dropout == 0.1  # only attention dropout goes
+  assert m.scan_layers is accelerators.SCAN_LAYERS[backend]
+  assert cfg.train.loss_chunk_rows == accelerators.LOSS_CHUNK_ROWS[backend]
+  assert (cfg.mesh.data, cfg.mesh.fsdp) == (1, -1)
+  run = optim.plan(cfg)  # the batch ramp, if any, can run: at most one size per micro-batch
+  assert float(optim.schedule(cfg, run)(run.total_steps // 2)) > 0
+  if cfg.optim.batch_ramp_tokens:
+    assert cfg.optim.batch_ramp_buckets <= cfg.train.global_batch // cfg.train.micro_batch
+  # The paper's model, data and optimisation stay (the ramp's bucket count aside).
+  paper = configs.load(spec.rsplit(",", 1)[0] if "," in spec else spec.split(":")[0])
+  for section in ("data", "eval", "checkpoint", "finetune", "compress"):
+    assert cfg[section].to_dict() == paper[section].to_dict(), section
+  ours, theirs = cfg.optim.to_dict(), paper.optim.to_dict()
+  ours.pop("batch_ramp_buckets"), theirs.pop("batch_ramp_buckets")
+  assert ours == theirs
+  speed = {"dtype", "attn_dropout", "attention_impl", "scan_layers", "remat"}
+  assert ({k: v for k, v in m.to_dict().items() if k not in speed}
+          == {k: v for k, v in paper.model.to_dict().items() if k not in speed})
+  assert cfg.train.global_batch == paper.train.global_batch
+
+
+def test_the_fit_table_is_what_the_planner_picks():
+  """Each FIT entry is plan.suggest's first layout for 8 devices of the backend's memory (the
+  loss chunk's extra logits counted); presets without one fit no layout of 8 such devices."""
+  for spec in configs.accelerator_presets():
+    cfg = configs.load(spec)
+    preset, backend = cfg.name.rsplit("-", 1)
+    with cfg.unlocked():
+      assert accelerators.derive_fit(cfg, backend) == accelerators.FIT.get((preset, backend)), spec
+  assert set(accelerators.FIT) <= {(k, b) for k in sizes.SIZES for b in accelerators.BACKENDS}

@@ -9,7 +9,9 @@ Kubernetes Indexed Job. Prints it; redirect it to a file.
       --image=registry.example/gptjax:latest --workdir=/runs/13b
 
 The mesh must multiply to the run's device count (nodes x GPUs, or the slice's chips); gptjax
-checks that before compiling, with the fix in the message.
+checks that before compiling, with the fix in the message. Each recipe exports the recommended XLA /
+runtime settings of its backend (gptjax/xla_flags.py: GPU for slurm and k8s, TPU for tpu); an
+accelerator preset (`--config=configs/gpt3.py:xl,gpu`, configs/accelerators.py) tunes the rest.
 """
 
 import os
@@ -19,7 +21,7 @@ import sys
 
 from absl import flags
 
-from gptjax import cli
+from gptjax import cli, xla_flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEMPLATES = {"slurm": "slurm.sbatch", "tpu": "tpu_vm.sh", "k8s": "k8s_indexed_job.yaml"}
@@ -53,6 +55,30 @@ def render(target: str, params: dict[str, object]) -> str:
   return template.substitute(params)
 
 
+def xla_settings(target: str) -> dict[str, str]:
+  """The template parameters exporting `gptjax.xla_flags.RECOMMENDED` for `target`'s backend.
+
+  A variable the job's environment already sets is kept whole (the user's choice; scripts/train.py
+  with --xla_flags=auto then adds the flags missing from it, never changing one that is set).
+  """
+  backend = "tpu" if target == "tpu" else "gpu"
+  values = dict(xla_flags.shell_defaults(backend))
+  aliases = xla_flags.ALIASES
+  exports = []
+  for var, value in values.items():
+    line = f'export {var}="${{{var}:-{value}}}"'
+    for alias in aliases.get(var, ()):  # both set is an error in jaxlib: a user's alias wins
+      line = f'[ -n "${{{alias}:-}}" ] || {line}'
+    exports.append(line)
+  return {
+      "xla_exports": "\n".join(exports),
+      "xla_env_yaml": "".join(f'\n        - name: {var}\n          value: "{value}"'
+                              for var, value in values.items()),
+      "libtpu_prefix": "".join(f'{var}=\\"\\${{{var}:-{value}}}\\" '
+                               for var, value in values.items() if backend == "tpu"),
+  }
+
+
 def main(argv):
   del argv
   overrides = []
@@ -65,7 +91,8 @@ def main(argv):
   for name in required:
     if not flags.FLAGS[name].value:
       sys.exit(f"--target={_TARGET.value} needs --{name}")
-  preset = _CONFIG.value.rsplit("/", 1)[-1].replace(".py", "").replace(":", "-").replace(".", "")
+  preset = (_CONFIG.value.rsplit("/", 1)[-1].replace(".py", "").replace(":", "-")
+            .replace(",", "-").replace(".", ""))
   name = (_NAME.value or f"gptjax-{preset}").lower()
   params = {
       "name": name, "config": shlex.quote(_CONFIG.value), "workdir": _WORKDIR.value,
@@ -75,6 +102,7 @@ def main(argv):
       "time": _TIME.value, "tpu_name": _TPU.value, "zone": _ZONE.value, "repo_dir": _REPO.value,
       "image": _IMAGE.value, "pvc": _PVC.value, "port": _PORT.value,
       "workdir_mount": os.path.dirname(_WORKDIR.value.rstrip("/")) or "/",
+      **xla_settings(_TARGET.value),
   }
   print(render(_TARGET.value, params), end="")
 
