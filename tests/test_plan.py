@@ -208,3 +208,30 @@ def test_accelerator_presets_lower_with_the_planner(spec):
   rows = cfg.train.micro_batch // 8
   assert f"tensor<{rows}x{cfg.model.ctx}x" in text  # each device's rows of the micro-batch
   assert "bf16" in text
+
+
+_LOWER_256 = """
+import sys
+import jax
+import configs
+from gptjax import config as config_lib, plan
+cfg = configs.load(sys.argv[1])
+cfg.train.micro_batch = 256  # one sequence per device
+config_lib.validate(cfg, n_devices=256)
+text = plan.lower_step(cfg, jax.devices()[:256]).as_text()
+print("ROWS", f"tensor<1x{cfg.model.ctx}x" in text, "BF16", "bf16" in text, "DEVICES",
+      jax.device_count())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", ["gpt3:xl,gpu", "gpt2:small,tpu"])
+def test_accelerator_presets_lower_for_256_devices(spec):
+  """The overlays validate and the real sharded step lowers on 256 fake devices (FSDP over all of
+  them, one sequence each), in a process of its own that sets up the devices."""
+  out = subprocess.run([sys.executable, "-c", _LOWER_256, spec], capture_output=True, text=True,
+                       check=False, cwd=ROOT, timeout=600,
+                       env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
+                            "XLA_FLAGS": "--xla_force_host_platform_device_count=256"})
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "ROWS True BF16 True DEVICES 256" in out.stdout, out.stdout
