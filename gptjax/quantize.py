@@ -228,6 +228,7 @@ class Quantized:
   spec: Spec
   mesh: Any
   rules: tuple
+  step: int = 0  # the checkpoint's step
 
 
 def save(workdir: str, qparams: Any, spec: Spec, cfg: ml_collections.ConfigDict,
@@ -273,7 +274,7 @@ def load(workdir: str, step: int | None = None, devices=None) -> Quantized:
   params = reader.restore(step, target)
   reader.close()
   tokenizer = run_lib.load_tokenizer(cfg, workdir) if run_lib.has_tokenizer(workdir) else None
-  return Quantized(cfg, tokenizer, qmodel, params, spec, mesh, rule_table)
+  return Quantized(cfg, tokenizer, qmodel, params, spec, mesh, rule_table, step)
 
 
 # ---- QAT ----------------------------------------------------------------------------------------

@@ -56,12 +56,11 @@ def open_run(workdir: str, step: int | None = None, devices=None,
   over `run.inference_mesh`."""
   if checkpoint.is_quantized(workdir, step):
     from gptjax import quantize  # the compress extra, only for quantized checkpoints
-    _, step = run_lib.checkpoint_step(workdir, step, setting)
     q = quantize.load(workdir, step, devices)
     if q.tokenizer is None:
       raise ConfigError(f"{setting}: {workdir!r} has no saved tokenizer, so text cannot be encoded "
                         "as in training. Write it with gptjax.quantize.save(..., source=<run>).")
-    return Served(q.model, q.params, q.tokenizer, q.cfg, step, q.mesh, q.rules, quantized=True)
+    return Served(q.model, q.params, q.tokenizer, q.cfg, q.step, q.mesh, q.rules, quantized=True)
   r = run_lib.restore(workdir, step, devices, setting)
   return Served(r.trainer.model, r.params, r.tokenizer, r.cfg, r.step, r.trainer.mesh,
                 r.trainer.rules, batch_size=r.trainer.run.micro_batch)

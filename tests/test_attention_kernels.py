@@ -5,7 +5,6 @@ through the XLA path of `jax.nn.dot_product_attention`, the 'xla' and 'blocked' 
 import dataclasses
 import json
 import os
-import random
 import re
 
 import flax.linen as nn
@@ -18,6 +17,7 @@ import configs
 from gptjax import attention, attention_kernels, config as config_lib, loop
 from gptjax.errors import ConfigError
 from gptjax.layers import ModelArgs
+from test_loop import corpus_cfg
 
 # ---- the resolution table ---------------------------------------------------------------------
 # For every backend, dtype, attention dropout and phase: the kernel each model.attention_impl runs.
@@ -251,21 +251,11 @@ def test_kernel_lines_and_record():
 
 
 def tiny_run_cfg(tmp_path):
-  words = "the cat sat on a mat and the dog ran to it while a bird sang in the tree".split()
-  rng = random.Random(0)
-  with open(tmp_path / "docs.jsonl", "w", encoding="utf-8") as f:
-    for _ in range(200):
-      f.write(json.dumps({"text": " ".join(rng.choices(words, k=rng.randint(10, 60)))}) + "\n")
-  c = configs.load("tiny")
-  c.data.update(source="files", paths=str(tmp_path / "docs.jsonl"), val_fraction=0.1,
-                cache_dir=str(tmp_path / "cache"))
-  c.data.tokenizer.vocab_size = 300
-  c.model.update(n_layers=2, d_model=32, n_heads=2, ctx=32, attention="alternating",
-                 local_window=8, attn_dropout=0.1)
-  c.train.update(global_batch=4, steps=2, log_every=1, eval_every=0, eval_batches=1,
-                 sample_tokens=0, progress=False)
+  """test_loop's small corpus run, with banded layers and attention dropout, two steps."""
+  c = corpus_cfg(tmp_path, steps=2)
+  c.model.update(ctx=32, d_model=32, attention="alternating", local_window=8, attn_dropout=0.1)
+  c.train.update(global_batch=4, eval_every=0, eval_batches=1, log_every=1, sample_tokens=0)
   c.optim.warmup_steps = 1
-  c.mesh.data = 1
   return c
 
 
