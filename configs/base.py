@@ -52,7 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
   d.val_fraction = 0.01  # fraction of documents held out for validation (never split inside a doc)
   d.max_docs = 0  # use at most this many documents (0 = all)
   d.cache_dir = ""  # tokenized-data cache ('' = $GPTJAX_CACHE or ~/.cache/gptjax)
-  d.document_mask = False  # also emit segment ids so attention does not cross document boundaries
+  d.document_mask = False  # segment ids (attention stays in a document) and per-document positions
   d.worker_count = 0  # Grain worker processes (0 = read in the main process)
   d.prefetch = 2  # batches prepared ahead of the step
   tk = d.tokenizer = ml_collections.ConfigDict()

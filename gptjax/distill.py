@@ -27,13 +27,9 @@ from gptjax import checkpoint, loss as loss_lib, optim, run as run_lib
 from gptjax.errors import ConfigError
 from gptjax.data import tokenizer as tokenizer_lib
 from gptjax.model import GPT, ModelArgs
+from gptjax.train import hidden_and_output_embedding
 
 LOGITS_BUDGET = 1 << 24  # logits of one model formed at once, over the batch (float32: 64 MiB)
-
-
-def _hidden_and_output_embedding(model: GPT, tokens_BxL, segment_ids_BxL, deterministic):
-  return (model.hidden(tokens_BxL, segment_ids_BxL=segment_ids_BxL, deterministic=deterministic),
-          model.output_embedding())
 
 
 def teacher_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -131,28 +127,29 @@ def loss_fn(teacher: GPT, alpha: float, temperature: float):
 
   def loss(params, frozen, micro, rng, model: GPT, sc, mesh, batch_axes):
     variables, rngs = {"params": params}, {"dropout": rng} if sc.dropout else None
-    segment_ids, targets = micro.get("segment_ids"), micro["targets"]
+    segment_ids, positions = micro.get("segment_ids"), micro.get("positions")
+    targets = micro["targets"]
     weights = micro.get("weights")
     if weights is None:
       weights = jnp.ones(targets.shape, jnp.float32)
     vocab = model.args.vocab_size
     if sc.vocab_parallel:  # the vocabulary is sharded: logits are formed whole (as in train.py)
-      logits_s = model.apply(variables, micro["inputs"], segment_ids_BxL=segment_ids,
+      logits_s = model.apply(variables, micro["inputs"], positions, segment_ids,
                              deterministic=not sc.dropout, rngs=rngs)
       total, count, z = loss_lib.vocab_parallel_cross_entropy_sum(
           logits_s, targets, weights, sc.z_loss, mesh, batch_axes, return_z=True)
-      logits_t = teacher.apply({"params": frozen}, micro["inputs"], segment_ids_BxL=segment_ids)
+      logits_t = teacher.apply({"params": frozen}, micro["inputs"], positions, segment_ids)
       log_p_s = jax.nn.log_softmax(logits_s[..., :vocab] / temperature, axis=-1)
       log_p_t = jax.nn.log_softmax(logits_t[..., :vocab] / temperature, axis=-1)
       kl = ((jnp.exp(log_p_t) * (log_p_t - log_p_s)).sum(-1) * weights).sum()
     else:
-      x_s, w_s = model.apply(variables, micro["inputs"], segment_ids, not sc.dropout, rngs=rngs,
-                             method=_hidden_and_output_embedding)
+      x_s, w_s = model.apply(variables, micro["inputs"], segment_ids, not sc.dropout, positions,
+                             rngs=rngs, method=hidden_and_output_embedding)
       total, count, z = loss_lib.unembed_cross_entropy_sum(
           x_s.astype(w_s.dtype), w_s, targets, weights, sc.z_loss, vocab_size=vocab, mesh=mesh,
           batch_axes=batch_axes, return_z=True)
-      x_t, w_t = teacher.apply({"params": frozen}, micro["inputs"], segment_ids, True,
-                               method=_hidden_and_output_embedding)
+      x_t, w_t = teacher.apply({"params": frozen}, micro["inputs"], segment_ids, True, positions,
+                               method=hidden_and_output_embedding)
       kl = kl_sum(x_s.astype(w_s.dtype), w_s, x_t.astype(w_t.dtype), w_t, weights, temperature,
                   vocab)
     parts = {"z_loss": (1.0 - alpha) * z} if sc.z_loss else {}

@@ -104,9 +104,9 @@ def build_trainer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Tr
 
 
 def batch_keys(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """The arrays of a training batch (`gptjax.data.pipeline`): `segment_ids` too under
-  `data.document_mask`."""
-  return ("inputs", "targets") + (("segment_ids",) if cfg.data.document_mask else ())
+  """The arrays of a training batch (`gptjax.data.pipeline`): `segment_ids` and `positions` too
+  under `data.document_mask`."""
+  return ("inputs", "targets") + (("segment_ids", "positions") if cfg.data.document_mask else ())
 
 
 def abstract_batch(cfg: ml_collections.ConfigDict,

@@ -57,8 +57,11 @@ class StepConfig:
   loss_chunk_rows: int = loss_lib.CHUNK_ROWS  # tokens per chunk of the fused loss (train.*)
 
 
-def _hidden_and_output_embedding(model: GPT, tokens_BxL, segment_ids_BxL, deterministic):
-  return (model.hidden(tokens_BxL, segment_ids_BxL=segment_ids_BxL, deterministic=deterministic),
+def hidden_and_output_embedding(model: GPT, tokens_BxL, segment_ids_BxL, deterministic,
+                                positions_BxL=None):
+  """`GPT.apply(..., method=...)`: final hidden states and the output projection, for losses that
+  fuse the projection (`loss.unembed_cross_entropy_sum`) instead of forming [B, L, V] logits."""
+  return (model.hidden(tokens_BxL, positions_BxL, segment_ids_BxL, deterministic),
           model.output_embedding())
 
 
@@ -72,16 +75,18 @@ def lm_loss_sum(params, frozen, micro: Batch, rng, model: GPT, sc: StepConfig, m
 def _loss_sum(params, micro: Batch, rng, model: GPT, sc: StepConfig, mesh: Mesh | None,
               batch_axes):
   variables, rngs = {"params": params}, {"dropout": rng} if sc.dropout else None
-  segment_ids, weights = micro.get("segment_ids"), micro.get("weights")
+  # Packed documents (data.document_mask) carry their own positions, restarting at each document.
+  segment_ids, positions = micro.get("segment_ids"), micro.get("positions")
+  weights = micro.get("weights")
   if sc.vocab_parallel:
-    logits = model.apply(variables, micro["inputs"], segment_ids_BxL=segment_ids,
+    logits = model.apply(variables, micro["inputs"], positions, segment_ids,
                          deterministic=not sc.dropout, rngs=rngs)
     total, count, z = loss_lib.vocab_parallel_cross_entropy_sum(
         logits, micro["targets"], weights, sc.z_loss, mesh, batch_axes, return_z=True)
   else:
     # The output projection is fused into the loss: the [B, L, V] logits are never materialised.
     x_BxLxD, w_VxD = model.apply(variables, micro["inputs"], segment_ids, not sc.dropout,
-                                 rngs=rngs, method=_hidden_and_output_embedding)
+                                 positions, rngs=rngs, method=hidden_and_output_embedding)
     total, count, z = loss_lib.unembed_cross_entropy_sum(
         x_BxLxD.astype(w_VxD.dtype), w_VxD, micro["targets"], weights, sc.z_loss,
         vocab_size=model.args.vocab_size, chunk_rows=sc.loss_chunk_rows, mesh=mesh,

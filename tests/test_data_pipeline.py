@@ -73,21 +73,23 @@ def test_an_epoch_uses_every_packed_window_exactly_once(setup):
   assert not np.array_equal(first, second)  # and reshuffled each epoch
 
 
-def test_segment_ids_number_documents_within_each_row(setup):
+def test_segment_ids_and_positions_restart_at_each_document(setup):
   d, tok, _ = setup
   d.document_mask = True
   try:
     batch = next(make(d, tok, seq_len=64))
   finally:
     d.document_mask = False
-  seg = batch["segment_ids"]
-  assert seg.shape == (B, 64) and seg.dtype == np.int32
-  for row, ids in zip(batch["inputs"], seg):
-    expected, doc = [], 1
+  seg, pos = batch["segment_ids"], batch["positions"]
+  assert seg.shape == pos.shape == (B, 64) and seg.dtype == pos.dtype == np.int32
+  for row, ids, places in zip(batch["inputs"], seg, pos):
+    expected, expected_pos, doc, at = [], [], 1, 0
     for token in row:
       expected.append(doc)
-      doc += token == tok.eos_id  # the token after an EOS starts the next document
+      expected_pos.append(at)
+      doc, at = (doc + 1, 0) if token == tok.eos_id else (doc, at + 1)  # the next one starts anew
     assert ids.tolist() == expected
+    assert places.tolist() == expected_pos
   assert seg.max() > 1
 
 

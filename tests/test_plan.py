@@ -95,16 +95,16 @@ def test_a_qat_plan_lowers_the_qat_step():
   assert text["qat"].count("round_nearest_even") > 0 == text["plain"].count("round_nearest_even")
 
 
-def test_document_mask_adds_segment_ids_to_the_planned_batch():
+def test_document_mask_adds_segment_ids_and_positions_to_the_planned_batch():
   plain, masked = small_cfg(fsdp=8), small_cfg(fsdp=8)
   masked.data.document_mask = True
   lowered = plan.lower_step(masked, jax.devices()[:8])
   state_info, batch_info = lowered.args_info[0]
-  assert sorted(batch_info) == ["inputs", "segment_ids", "targets"]
+  assert sorted(batch_info) == ["inputs", "positions", "segment_ids", "targets"]
   assert batch_info["segment_ids"].shape == (2, 8, 64)  # [accum, micro_batch, seq_len]
   grown = (plan.make(masked, 8, "h100").compiled["arguments"]
            - plan.make(plain, 8, "h100").compiled["arguments"])
-  assert grown == 2 * 1 * 64 * 4  # one row of 64 int32 per device and micro-batch
+  assert grown == 2 * 2 * 64 * 4  # two rows of 64 int32 per device and micro-batch
 
 
 def test_the_benchmark_times_the_training_step(teacher_dir):
@@ -112,7 +112,7 @@ def test_the_benchmark_times_the_training_step(teacher_dir):
   cfg.data.document_mask = True
   cfg.compress.distill.teacher = teacher_dir
   batch = bench.random_batch(cfg)
-  assert sorted(batch) == ["inputs", "segment_ids", "targets"]
+  assert sorted(batch) == ["inputs", "positions", "segment_ids", "targets"]
   assert batch["inputs"].shape == (2, 8, 64)
   step, info = bench.make_train_step(cfg, jax.devices()[:8])
   frozen = info["trainer"].abstract_state.frozen

@@ -228,3 +228,43 @@ def test_logged_loss_is_the_cross_entropy_and_z_loss_is_logged_apart(accum, tens
   _, metrics = trainer.step(state, jax.device_put(batch, trainer.batch_sharding()))
   np.testing.assert_allclose(float(metrics["loss"]), (log_z - target).mean(), rtol=2e-5)
   np.testing.assert_allclose(float(metrics["z_loss"]), z * (log_z ** 2).mean(), rtol=2e-5)
+
+
+@pytest.mark.parametrize("tensor", [1, 2])  # the fused loss, and the vocab-parallel one
+def test_packed_documents_give_the_losses_they_give_alone(tensor):
+  """Under data.document_mask a packed row restarts attention and positions at each document
+  (Megatron's reset_position_ids), so every token's loss is the one it has with its document
+  run alone from position 0; the train path's eval loss sums exactly those."""
+  from gptjax.data import pipeline  # pylint: disable=import-outside-toplevel
+  cfg = small_cfg(tensor=tensor)
+  cfg.data.document_mask = True
+  trainer = train.Trainer.build(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:tensor]))
+  params = trainer.init_state().params
+  eos, rng = 0, np.random.default_rng(3)
+  lengths = [7, 11, 9, 3]  # tokens + EOS each: 34, one more than a window of 33
+  stream = np.concatenate([np.append(rng.integers(1, 250, n - 1), eos) for n in lengths])
+  batch = pipeline.to_example(stream[None, :33], eos_id=eos, segment_ids=True)
+
+  def token_losses(logits, targets):
+    z = np.asarray(logits, np.float64)[0, :, :250]
+    logp = z - z.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    return -logp[np.arange(len(targets)), targets]
+
+  with trainer._ctx():
+    packed = token_losses(trainer.model.apply({"params": params}, batch["inputs"],
+                                              batch["positions"], batch["segment_ids"]),
+                          batch["targets"][0])
+    alone, start = [], 0
+    for n in lengths:
+      n = min(n, 32 - start)  # the last document is cut by the window
+      inputs, targets = stream[start:start + n], stream[start + 1:start + n + 1]
+      logits = trainer.model.apply({"params": params}, inputs[None].astype(np.int32))
+      alone.append(token_losses(logits, targets))
+      start += n
+  alone = np.concatenate(alone)
+  np.testing.assert_allclose(packed, alone, rtol=2e-5, atol=2e-5)
+  total = float(trainer.eval(params, batch)["loss_sum"])
+  np.testing.assert_allclose(total, alone.sum(), rtol=1e-5)
+  no_reset = {k: v for k, v in batch.items() if k != "positions"}
+  assert abs(float(trainer.eval(params, no_reset)["loss_sum"]) - total) > 1e-3

@@ -11,7 +11,7 @@ each host reads only the rows of every global batch that its devices hold (`rows
 
     it = pipeline.make(cfg.data, tok, "train", seq_len=256, global_batch=16, seed=cfg.seed,
                        rows=feed.rows)
-    batch = next(it)  # {"inputs": int32[len(rows), L], "targets": ..., ["segment_ids"]}
+    batch = next(it)  # {"inputs": int32[len(rows), L], "targets", ["segment_ids", "positions"]}
     state = it.get_state()  # JSON-serialisable; a new iterator's set_state(state) resumes exactly
 """
 
@@ -97,14 +97,24 @@ def to_example(windows_BxW: np.ndarray, *, eos_id: int, segment_ids: bool) -> di
 
   Returns:
     `inputs` = windows[:, :-1] and `targets` = windows[:, 1:], int32 [B, L]; with `segment_ids`,
-    int32 [B, L] numbering the documents of each row from 1: position t is in document
-    1 + (EOS tokens before t), so an EOS belongs to the document it ends.
+    also int32 [B, L] `segment_ids` numbering the documents of each row from 1 (position t is in
+    document 1 + (EOS tokens before t), so an EOS belongs to the document it ends) and `positions`,
+    each token's place in its document, restarting at 0 after every EOS (Megatron's
+    `reset_position_ids`): a packed document is seen exactly as it would be alone. The first
+    document of a row usually began in an earlier window; its positions start at 0 there too.
   """
   w = windows_BxW.astype(np.int32)
   out = {"inputs": np.ascontiguousarray(w[:, :-1]), "targets": np.ascontiguousarray(w[:, 1:])}
   if segment_ids:
     is_eos = (out["inputs"] == eos_id).astype(np.int32)
-    out["segment_ids"] = 1 + np.cumsum(is_eos, axis=1, dtype=np.int32) - is_eos
+    segments = 1 + np.cumsum(is_eos, axis=1, dtype=np.int32) - is_eos
+    out["segment_ids"] = segments
+    # Position = index - index of the segment's first token; segments are runs, so the first
+    # index of each is where it starts, found with a running maximum over the starts.
+    index = np.broadcast_to(np.arange(w.shape[1] - 1, dtype=np.int32), segments.shape)
+    starts = np.concatenate([np.ones_like(segments[:, :1], bool),
+                             segments[:, 1:] != segments[:, :-1]], axis=1)
+    out["positions"] = index - np.maximum.accumulate(np.where(starts, index, 0), axis=1)
   return out
 
 
