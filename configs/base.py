@@ -52,6 +52,10 @@ def get_config() -> ml_collections.ConfigDict:
   d.val_fraction = 0.01  # fraction of documents held out for validation (never split inside a doc)
   d.max_docs = 0  # use at most this many documents (0 = all)
   d.cache_dir = ""  # tokenized-data cache ('' = $GPTJAX_CACHE or ~/.cache/gptjax)
+  d.shard_chars = 1 << 25  # characters of documents per cache shard (~8M tokens): the work unit
+  d.build_workers = 0  # processes building the cache (0 = one per core; one if the tokenizer
+  #                      is multi-threaded); scripts/prepare_data.py --num_workers for many hosts
+  d.verify_shards = True  # check every shard's sha256 against the manifest when a run opens it
   d.document_mask = False  # segment ids (attention stays in a document) and per-document positions
   d.worker_count = 0  # Grain worker processes (0 = read in the main process)
   d.prefetch = 2  # batches prepared ahead of the step

@@ -71,14 +71,12 @@ def data_fingerprint(cfg: ml_collections.ConfigDict, tokenizer) -> str:
   document, token and character counts, and the first and last MiB of each split's tokens (file
   names and times do not count: a copied or re-written corpus with the same text is the same)."""
   entry = cache.load_or_build(cfg.data, tokenizer)
+  splits = {split: {k: v for k, v in s.items() if k != "shards"}  # counts, as format 1 had them
+            for split, s in entry.meta["splits"].items()}
   digest = hashlib.sha256(json.dumps({"tokenizer": entry.meta.get("tokenizer"),
-                                      "splits": entry.meta.get("splits")}, sort_keys=True,
-                                     default=str).encode())
+                                      "splits": splits}, sort_keys=True, default=str).encode())
   for split in ("train", "val"):
-    with open(entry.file(split), "rb") as f:
-      digest.update(f.read(1 << 20))
-      f.seek(max(0, os.path.getsize(entry.file(split)) - (1 << 20)))
-      digest.update(f.read())
+    digest.update(entry.npy_bytes(split, 1 << 20))
   return digest.hexdigest()
 
 

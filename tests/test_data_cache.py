@@ -1,4 +1,5 @@
-"""The token cache: exact token streams, keyed reuse, and nothing half-written on failure."""
+"""The token cache: exact token streams over shards, keyed reuse, byte-identical parallel builds,
+checked shards, and nothing half-written on failure."""
 
 from concurrent import futures
 import json
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from gptjax.data import cache, sources, stats
+from gptjax.data import cache, pipeline, shards, sources, stats, workers
 from gptjax.data import tokenizer as tokenizer_lib
 from gptjax.data.errors import DataError
 
@@ -29,7 +30,7 @@ def write_jsonl(path, n_docs, seed=0):
 def data_config(tmp_path, paths, **overrides):
   d = tiny.get_config().data
   d.source, d.paths, d.val_fraction, d.cache_dir = "files", str(paths), 0.1, str(tmp_path / "cache")
-  d.tokenizer.vocab_size = 400
+  d.tokenizer.vocab_size, d.shard_chars = 400, 3000  # about 8 shards of the 150 documents
   for key, value in overrides.items():
     d[key] = value
   return d
@@ -59,8 +60,11 @@ def test_streams_are_the_documents_each_followed_by_eos(setup):
     assert tokens[-1] == tok.eos_id and (tokens == tok.eos_id).sum() == len(expected)
     pieces = np.split(np.asarray(tokens), np.flatnonzero(tokens == tok.eos_id) + 1)[:-1]
     assert [tok.decode(p[:-1]) for p in pieces] == expected
-    assert entry.meta["splits"][split] == {"documents": len(expected), "tokens": len(tokens),
-                                           "chars": sum(map(len, expected))}
+    listed = entry.meta["splits"][split]
+    assert {k: listed[k] for k in ("documents", "tokens", "chars")} == {
+        "documents": len(expected), "tokens": len(tokens), "chars": sum(map(len, expected))}
+    assert sum(s["tokens"] for s in listed["shards"]) == len(tokens)
+  assert len(entry.meta["splits"]["train"]["shards"]) > 4  # the stream crosses shards
   assert entry.meta["splits"]["val"]["documents"] == 15
   train, val = set(corpus.texts(sources.TRAIN)), set(corpus.texts(sources.VAL))
   assert not train & val and len(train | val) == len(set(docs))
@@ -69,9 +73,10 @@ def test_streams_are_the_documents_each_followed_by_eos(setup):
 def test_reuse_and_keys(setup):
   tmp, _, d, tok = setup
   first = cache.load_or_build(d, tok)
-  mtime = os.stat(first.file("train")).st_mtime_ns
+  shard = os.path.join(first.path, first.meta["splits"]["train"]["shards"][0]["file"])
+  mtime = os.stat(shard).st_mtime_ns
   again = cache.load_or_build(d, tok)
-  assert again.path == first.path and os.stat(again.file("train")).st_mtime_ns == mtime
+  assert again.path == first.path and os.stat(shard).st_mtime_ns == mtime
   d.val_fraction = 0.2
   other_split = cache.load_or_build(d, tok)
   d.val_fraction = 0.1
@@ -97,8 +102,8 @@ def test_a_killed_build_is_never_trusted(setup, tmp_path):
   entry = cache.load_or_build(d, tok)
   leftover = entry.path + ".tmp-999-deadbeef"  # what a build killed before its rename leaves
   os.makedirs(leftover)
-  np.save(os.path.join(leftover, "train.npy"), np.zeros(3, np.uint16))
-  os.remove(os.path.join(entry.path, cache.META))  # and an entry without meta is incomplete
+  np.save(os.path.join(leftover, "train-000000.npy"), np.zeros(3, np.uint16))
+  os.remove(os.path.join(entry.path, shards.MANIFEST))  # an entry without manifest is incomplete
   rebuilt = cache.load_or_build(d, tok)
   assert rebuilt.path == entry.path and len(rebuilt.tokens("train")) > 3
 
@@ -153,8 +158,115 @@ def test_unigram_entropy_and_statistics(setup):
   assert stats.unigram_entropy(np.array([0, 0, 0, 1]), 2) == pytest.approx(
       -(0.75 * np.log(0.75) + 0.25 * np.log(0.25)))
   entry = cache.load_or_build(d, tok)
-  s = stats.describe(entry.meta, entry.tokens("train"), tok.byte_ids)
+  s = stats.describe(entry.meta, entry.stream("train"), tok.byte_ids)
   assert s["unigram_entropy_bits"] == pytest.approx(s["unigram_entropy_nats"] / np.log(2))
   assert 0 < s["unigram_entropy_nats"] < np.log(tok.vocab_size)
   assert s["byte_fallback_rate"] == 0.0  # every character of this corpus is in the vocabulary
   assert s["train_documents"] == 135 and s["tokens_per_document"] > 3
+
+
+def test_a_stream_reads_its_shards_as_one_array(tmp_path):
+  rng = np.random.default_rng(0)
+  parts = [rng.integers(0, 60_000, n).astype(np.uint16) for n in (5, 1, 0, 17, 3)]
+  paths = [str(tmp_path / f"{i}.npy") for i in range(len(parts))]
+  for path, part in zip(paths, parts):
+    np.save(path, part)
+  whole = np.concatenate(parts)
+  stream = shards.Stream(paths, [len(p) for p in parts], np.uint16)
+  assert len(stream) == len(whole)
+  for a in range(len(whole) + 1):
+    for b in (a, a + 1, a + 6, a + 20, len(whole) + 3):
+      np.testing.assert_array_equal(stream[a:b], whole[a:b])
+  np.testing.assert_array_equal(np.asarray(stream), whole)
+  with pytest.raises(TypeError, match="contiguous slices"):
+    stream[::2]  # pylint: disable=pointless-statement
+
+
+def test_npy_bytes_are_the_split_saved_as_one_npy_file(setup, tmp_path):
+  """Run fingerprints (first and last MiB of each split) keep their format-1 values."""
+  _, _, d, tok = setup
+  entry = cache.load_or_build(d, tok)
+  np.save(tmp_path / "train.npy", entry.tokens("train"))
+  data = (tmp_path / "train.npy").read_bytes()
+  for head in (100, 1000, 5000, len(data), 1 << 20):
+    assert entry.npy_bytes("train", head) == data[:head] + data[max(0, len(data) - head):]
+
+
+def checksums(entry):
+  return {split: [(s["file"], s["tokens"], s["sha256"]) for s in info["shards"]]
+          for split, info in entry.meta["splits"].items()}
+
+
+def test_builds_are_byte_identical_for_any_number_of_workers(setup, tmp_path):
+  """One, two and four processes, and three independent workers (as SLURM tasks would run, one
+  of them failing and run again) give the same shards, compared through the manifest."""
+  _, _, d, tok = setup
+  reference = cache.load_or_build(d, tok)
+  assert reference.meta["units"] > 4
+  for n in (2, 4):
+    local = data_config(tmp_path / str(n), d.paths, build_workers=n)
+    assert checksums(cache.load_or_build(local, tok)) == checksums(reference)
+
+  shared = data_config(tmp_path / "three", d.paths)
+  assert workers.build_worker(shared, tok, 3, 1) is None  # others have not finished
+  with pytest.raises(DataError, match=r"workers \[0, 2\] of 3 have not finished"):
+    workers.commit_workers(shared, tok, 3)
+  staging = workers.staging_path(shared, sources.open_corpus(shared))
+  built = sorted(os.listdir(staging))
+  assert "unit-000001.json" in built and "unit-000000.json" not in built
+  assert workers.build_worker(shared, tok, 3, 0) is None
+  entry = workers.build_worker(shared, tok, 3, 2)  # the last one commits
+  assert entry is not None and not os.path.exists(staging)
+  assert checksums(entry) == checksums(reference)
+  assert sorted(os.listdir(entry.path)) == sorted(
+      [cache.BUILD, shards.MANIFEST] + [s[0] for v in checksums(entry).values() for s in v])
+  assert workers.commit_workers(shared, tok, 3).path == entry.path  # done: the entry, again
+
+
+def test_workers_that_disagree_on_settings_are_stopped(setup, tmp_path):
+  _, _, d, tok = setup
+  first = data_config(tmp_path, d.paths)
+  assert workers.build_worker(first, tok, 2, 0) is None
+  other = data_config(tmp_path, d.paths, val_fraction=0.2)
+  with pytest.raises(DataError, match=r"config.data: this worker's settings differ .*"
+                     r"key.corpus.val_fraction: 0.1 \(first\) vs 0.2 \(this worker\)"):
+    workers.build_worker(other, tok, 2, 1)
+  with pytest.raises(DataError, match=r"num_workers: 2 \(first\) vs 3"):
+    workers.build_worker(first, tok, 3, 1)
+  with pytest.raises(DataError, match=r"config.data.build_workers: worker 2 of 2 does not exist"):
+    workers.build_worker(first, tok, 2, 2)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "remove"])
+def test_a_damaged_shard_is_refused(setup, tmp_path, damage):
+  _, _, d, tok = setup
+  d = data_config(tmp_path, d.paths)
+  entry = cache.load_or_build(d, tok)
+  name = entry.meta["splits"]["train"]["shards"][2]["file"]
+  path = os.path.join(entry.path, name)
+  data = bytearray(open(path, "rb").read())
+  if damage == "flip":
+    data[-3] ^= 1
+    open(path, "wb").write(data)
+  elif damage == "truncate":
+    open(path, "wb").write(data[:-2])
+  else:
+    os.remove(path)
+  with pytest.raises(DataError, match=rf"config.data.cache_dir: shard {name} .* it is refused"):
+    cache.load_or_build(d, tok)
+  with pytest.raises(DataError, match="it is refused"):
+    pipeline.make(d, tok, "train", seq_len=16, global_batch=2, seed=0)
+  if damage == "flip":  # sizes alone cannot see a flipped bit; the opt-out says so in the log
+    d.verify_shards = False
+    assert cache.load_or_build(d, tok).path == entry.path
+
+
+def test_a_beam_build_is_byte_identical_to_a_local_one(setup, tmp_path):
+  """The Apache Beam pipeline (DirectRunner here; Dataflow, Flink or Spark elsewhere)."""
+  from gptjax.data import beam_build  # pylint: disable=import-outside-toplevel
+  _, _, d, tok = setup
+  reference = cache.load_or_build(d, tok)
+  beam_d = data_config(tmp_path, d.paths)
+  entry = beam_build.build(beam_d, tok, ["--runner=DirectRunner"], num_tasks=3)
+  assert checksums(entry) == checksums(reference)
+  assert json.load(open(os.path.join(entry.path, cache.BUILD)))["workers"] == 3

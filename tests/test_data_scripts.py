@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -31,3 +32,24 @@ def test_bench_data_prints_one_json_line(tmp_path):
   out = run("bench_data.py", "--steps=50", f"--config.data.cache_dir={tmp_path / 'cache'}")
   result = json.loads(out.strip().splitlines()[-1])
   assert result["config"] == "tiny" and result["tokens_per_s"] > 0 and result["steps"] == 50
+
+
+def test_prepare_data_with_independent_workers(tmp_path):
+  """Two worker processes started at once (as two SLURM array tasks), then the final commit."""
+  flags = [*SMALL, f"--config.data.cache_dir={tmp_path / 'cache'}",
+           "--config.data.shard_chars=20000", "--num_workers=2"]
+  run("prepare_data.py", f"--workdir={tmp_path / 'run'}")  # the tokenizer; the local build
+  procs = [subprocess.Popen([sys.executable, "scripts/prepare_data.py", *flags,
+                             f"--workdir={tmp_path / 'run'}", f"--worker_index={i}"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=120) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs
+  committed = [out for out, _ in outs if "token cache" in out]
+  assert len(committed) in (1, 2)  # the last to finish commits (both, if they end together)
+  assert "documents         train 36, val 4" in committed[0]
+  assert int(re.search(r": (\d+) shards", committed[0]).group(1)) > 2
+  again = subprocess.run([sys.executable, "scripts/prepare_data.py", *flags, "--commit",
+                          f"--workdir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+  assert "documents         train 36, val 4" in again

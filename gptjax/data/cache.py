@@ -1,21 +1,31 @@
-"""The token cache: a corpus tokenized once into flat `.npy` token streams, one per split.
+"""The token cache: a corpus tokenized once into checksummed shards, built in parallel.
 
-Each split is one stream of token ids: every document followed by EOS, in corpus order (uint16 when
-the vocabulary fits, else uint32), memory-mapped by the pipeline. A cache entry is a folder named
-by a hash of everything that determines its content (tokenizer model, source settings, split
-settings, format version), so a changed setting can never reuse stale tokens. Entries are built in
-a temporary folder and renamed into place in one step: a crash or an error leaves no entry that a
-later run would trust.
+The documents (`sources.Corpus`, in their fixed order) are cut into work units of about
+`data.shard_chars` characters, whole documents each; unit u becomes the shards `train-<u>.npy` and
+`val-<u>.npy` (its documents of each split, each followed by EOS; see `shards.py`). A unit's bytes
+depend only on its documents and the tokenizer, so the cache is byte-identical however many
+workers built it and in whatever order. Three ways to build, one result:
+
+- locally (the default): `load_or_build` spreads the units over `data.build_workers` processes;
+- by N independent workers (`gptjax.data.workers`: SLURM array tasks, the hosts of a run, ...),
+  worker i building the units u with u mod N = i into a shared staging folder;
+- by an Apache Beam pipeline (`gptjax.data.beam_build`), whose workers run the same units.
+
+An entry is a folder named by a hash of everything its bytes depend on (tokenizer fingerprint and
+library versions, corpus fingerprint, shard size, format). It is built elsewhere and renamed into
+place with its manifest written last, so a half-built entry is never used; on load every shard is
+checked against the manifest (size, and sha256 unless `data.verify_shards` is off) and a damaged
+shard is refused.
 
     tc = cache.load_or_build(cfg.data, tokenizer)
-    train_tokens = tc.tokens("train")  # np.memmap, shape [n_tokens]
+    stream = tc.stream("train")  # the shards as one token sequence: len(stream), stream[a:b]
 """
 
 import collections
+from collections.abc import Iterator
 from concurrent import futures
 import dataclasses
 import hashlib
-import itertools
 import json
 import logging
 import multiprocessing
@@ -23,44 +33,58 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterable, Iterator
 from typing import Any
 
 import ml_collections
 import numpy as np
 import tqdm
 
+from gptjax.data import shards
 from gptjax.data import sources
-from gptjax.data.errors import fail
+from gptjax.data.errors import DataError, fail
 
 from gptjax.data.files import root, write_atomic  # noqa: F401  (re-exported)
 from gptjax.data.tokenizer import Tokenizer
 
-FORMAT_VERSION = 1
-META = "meta.json"
-_BATCH_CHARS = 1 << 22  # characters per encode call: large enough to keep every thread busy
+FORMAT_VERSION = 2
+BUILD = "build.json"  # how an entry was built (workers, seconds): not part of its content
+_BATCH_CHARS = 1 << 22  # characters per encode call: bounds memory, keeps every thread busy
+_SPLITS = (sources.TRAIN, sources.VAL)
 
 
 @dataclasses.dataclass(frozen=True)
 class TokenCache:
-  """A complete cache entry.
+  """A complete, verified cache entry.
 
   Attributes:
-    path: its folder, holding `train.npy`, `val.npy` and `meta.json`.
-    meta: what `meta.json` records: dtype, vocab_size, eos_id, per-split `documents`, `tokens` and
-      `chars`, the build time in `seconds`, and the tokenizer and corpus fingerprints.
+    path: its folder: the shards and `manifest.json`.
+    meta: the manifest: `dtype`, `vocab_size`, `eos_id`, `tokenizer` (fingerprint), `key`, and per
+      split `documents`, `tokens`, `chars` and `shards` (file, counts and sha256 of each).
   """
 
   path: str
   meta: dict[str, Any]
 
-  def file(self, split: str) -> str:
-    """The `.npy` file of a split (`'train'` or `'val'`)."""
-    return os.path.join(self.path, f"{split}.npy")
+  def stream(self, split: str) -> shards.Stream:
+    """A split's tokens as one sequence over its shards (memory-mapped, read on demand)."""
+    return shards.Stream.of(self.path, self.meta, split)
 
   def tokens(self, split: str) -> np.ndarray:
-    """The token stream of a split, memory-mapped (read-only)."""
-    return np.load(self.file(split), mmap_mode="r")
+    """A split's whole token stream in memory (for tests and small corpora; see `stream`)."""
+    return np.asarray(self.stream(split))
+
+  def npy_bytes(self, split: str, head: int) -> bytes:
+    """The first and last `head` bytes the split would have as one `.npy` file (the layout of
+    format 1): content fingerprints stay comparable across formats."""
+    stream = self.stream(split)
+    header = shards.npy_header(stream.dtype, len(stream))
+    size = stream.dtype.itemsize
+    body = lambda a, b: stream[a // size:-(-b // size)].tobytes()[a % size:][:b - a]
+    total = len(header) + len(stream) * size
+    first = (header + body(0, max(0, head - len(header))))[:head]
+    lo = max(0, total - head)
+    last = header[lo:] + body(max(0, lo - len(header)), total - len(header))
+    return first + last
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -68,146 +92,216 @@ def token_dtype(vocab_size: int) -> np.dtype:
   return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
+def key(d: ml_collections.ConfigDict, tokenizer: Tokenizer,
+        corpus: sources.Corpus) -> dict[str, Any]:
+  """Everything an entry's bytes depend on."""
+  return {"format": FORMAT_VERSION, "tokenizer": tokenizer.fingerprint,
+          "tokenizer_library": getattr(tokenizer, "cache_identity", {"kind": tokenizer.kind}),
+          "corpus": corpus.fingerprint, "shard_chars": int(d.shard_chars)}
+
+
+def entry_path(d: ml_collections.ConfigDict, k: dict[str, Any]) -> str:
+  digest = hashlib.sha256(json.dumps(k, sort_keys=True).encode()).hexdigest()[:16]
+  return os.path.join(root(d), "tokens", f"{k['corpus']['source']}-{digest}")
+
+
 def load_or_build(d: ml_collections.ConfigDict, tokenizer: Tokenizer,
                   corpus: sources.Corpus | None = None) -> TokenCache:
-  """The cache entry of `cfg.data` tokenized by `tokenizer`, building it if absent.
+  """The cache entry of `cfg.data` tokenized by `tokenizer`, built locally if absent.
 
   Args:
     d: the `data` section of the config.
-    tokenizer: the tokenizer; its fingerprint is part of the key.
+    tokenizer: the tokenizer; its fingerprint and library versions are part of the key.
     corpus: the opened corpus, if the caller has it (else opened from `d`).
 
   Returns:
-    The complete entry.
+    The complete entry, its shards checked against the manifest.
 
   Raises:
-    DataError: the corpus has no training documents, or a document cannot be read; no entry and
-      no temporary files are left behind.
+    DataError: a bad setting, a corpus without training documents, a document that cannot be
+      read (no entry and no temporary files are left behind), or a damaged shard.
   """
+  check_settings(d)
   corpus = corpus or sources.open_corpus(d)
-  key = {"format": FORMAT_VERSION, "tokenizer": tokenizer.fingerprint, "corpus": corpus.fingerprint}
-  digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-  final = os.path.join(root(d), "tokens", f"{corpus.fingerprint['source']}-{digest}")
-  if os.path.isfile(os.path.join(final, META)):
-    return _load(final)
-  if os.path.isdir(final):  # damaged by hand: entries only appear complete (renamed with META)
+  k = key(d, tokenizer, corpus)
+  final = entry_path(d, k)
+  if os.path.isfile(os.path.join(final, shards.MANIFEST)):
+    return load(final, d)
+  if os.path.isdir(final):  # damaged by hand: entries only appear complete (renamed with manifest)
     shutil.rmtree(final, ignore_errors=True)
   tmp = f"{final}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
   os.makedirs(tmp)
   try:
-    meta = _build(tmp, corpus, tokenizer)
-    meta.update(key)
-    write_atomic(os.path.join(tmp, META), json.dumps(meta, indent=1).encode())
-    try:
-      os.rename(tmp, final)
-    except OSError:  # another process finished the same entry first; theirs is identical
-      if not os.path.isfile(os.path.join(final, META)):
-        raise
+    start = time.perf_counter()
+    workers = _local_workers(d, tokenizer, corpus)
+    n_units = _build_units(corpus, tokenizer, tmp, d.shard_chars, workers)
+    commit(tmp, final, k, tokenizer, corpus, n_units,
+            {"workers": workers, "seconds": round(time.perf_counter() - start, 3)})
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
-  return _load(final)
+  return load(final, d)
 
 
-def _load(path: str) -> TokenCache:
-  with open(os.path.join(path, META), encoding="utf-8") as f:
-    return TokenCache(path, json.load(f))
+def load(path: str, d: ml_collections.ConfigDict | None = None) -> TokenCache:
+  """Opens a complete entry, checking its shards (sizes, and sha256 unless
+  `data.verify_shards` is False, which is logged)."""
+  manifest = shards.read_manifest(path)
+  checksums = True if d is None else bool(d.verify_shards)
+  if not checksums:
+    logging.warning("token cache %s: shard sizes checked, sha256 not (data.verify_shards=False)",
+                    path)
+  shards.verify(path, manifest, checksums=checksums)
+  return TokenCache(path, manifest)
 
 
-def _build(folder: str, corpus: sources.Corpus, tokenizer: Tokenizer) -> dict[str, Any]:
-  """Tokenizes every document into `<folder>/{train,val}.npy`; returns the statistics."""
+def check_settings(d: ml_collections.ConfigDict) -> None:
+  if d.shard_chars < 1:
+    raise fail("data.shard_chars", f"must be >= 1, got {d.shard_chars}",
+               "Use e.g. 33_554_432 (about 8M tokens per shard).")
+  if d.build_workers < 0:
+    raise fail("data.build_workers", f"must be >= 0, got {d.build_workers}",
+               "Use 0 for one process per core (one in all for a multi-threaded tokenizer).")
+
+
+def _local_workers(d: ml_collections.ConfigDict, tokenizer: Tokenizer,
+                   corpus: sources.Corpus) -> int:
+  if d.build_workers:
+    return int(d.build_workers)
+  if tokenizer.threaded or (corpus.approx_chars and corpus.approx_chars < 2 * d.shard_chars):
+    return 1  # the tokenizer already uses every core, or there is one unit's work in all
+  return os.cpu_count() or 1
+
+
+# ---- units -------------------------------------------------------------------------------------
+def units(corpus: sources.Corpus, shard_chars: int) -> Iterator[tuple[int, list[tuple[str, str]]]]:
+  """Yields `(u, [(split, text), ...])`: the corpus's documents in order, cut into units of whole
+  documents holding at least `shard_chars` characters (the last one may hold fewer)."""
+  unit, batch, size = 0, [], 0
+  for doc in corpus.documents():
+    batch.append(doc)
+    size += len(doc[1])
+    if size >= shard_chars:
+      yield unit, batch
+      unit, batch, size = unit + 1, [], 0
+  if batch:
+    yield unit, batch
+
+
+def unit_record(folder: str, unit: int) -> str:
+  return os.path.join(folder, f"unit-{unit:06d}.json")
+
+
+def build_unit(unit: int, docs: list[tuple[str, str]], tokenizer: Tokenizer,
+               folder: str) -> dict[str, Any]:
+  """Tokenizes one unit into its shards in `folder`; writes and returns its record (counts and
+  checksums per split), written last: a unit is done exactly when its record exists."""
   dtype = token_dtype(tokenizer.vocab_size)
-  splits = (sources.TRAIN, sources.VAL)
-  stats = {s: {"documents": 0, "tokens": 0, "chars": 0} for s in splits}
-  # pylint: disable-next=consider-using-with
-  raw = {s: open(os.path.join(folder, f"{s}.bin"), "wb") for s in splits}
-  start = time.perf_counter()
-  try:
-    with tqdm.tqdm(total=corpus.approx_chars or None, unit="char", unit_scale=True,
-                   desc="tokenizing", disable=None) as bar:
-      batches = _batches(corpus.documents(), _BATCH_CHARS)
-      workers = 1 if tokenizer.threaded else os.cpu_count() or 1
-      if corpus.approx_chars and corpus.approx_chars < 2 * _BATCH_CHARS:
-        workers = 1  # starting processes would cost more than they save
-      for batch, ids in _encode(batches, tokenizer, workers):
-        for split in splits:
-          docs = [(text, seq) for (s, text), seq in zip(batch, ids) if s == split]
-          if not docs:
-            continue
-          tokens = np.fromiter(
-              itertools.chain.from_iterable(seq + [tokenizer.eos_id] for _, seq in docs), dtype)
-          raw[split].write(tokens.tobytes())
-          st = stats[split]
-          st["documents"] += len(docs)
-          st["tokens"] += len(tokens)
-          st["chars"] += sum(len(text) for text, _ in docs)
-        bar.update(sum(len(text) for _, text in batch))
-  finally:
-    for f in raw.values():
-      f.close()
-  if not stats[sources.TRAIN]["documents"]:
-    raise fail(corpus.setting, "the corpus has no training documents (all empty or held out)",
-               "Point the source at non-empty text (and check data.max_docs/val_fraction).")
-  for split in splits:
-    _raw_to_npy(os.path.join(folder, f"{split}.bin"), os.path.join(folder, f"{split}.npy"),
-                dtype, stats[split]["tokens"])
-  seconds = time.perf_counter() - start
-  total = sum(s["tokens"] for s in stats.values())
-  logging.info("tokenized %d documents into %d tokens in %.1f s", sum(
-      s["documents"] for s in stats.values()), total, seconds)
-  return {"dtype": dtype.name, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
-          "splits": stats, "seconds": round(seconds, 3)}
+  record: dict[str, Any] = {"unit": unit}
+  for split in _SPLITS:
+    texts = [text for s, text in docs if s == split]
+    if not texts:
+      continue
+    parts, start, size = [], 0, 0
+    for i, text in enumerate(texts + [None]):
+      if text is None or size >= _BATCH_CHARS:
+        for seq in tokenizer.encode_batch(texts[start:i]):
+          parts.append(np.asarray(seq, dtype))
+          parts.append(np.asarray([tokenizer.eos_id], dtype))
+        start, size = i, 0
+      if text is not None:
+        size += len(text)
+    tokens = np.concatenate(parts)
+    name = shards.shard_name(split, unit)
+    record[split] = {"file": name, "documents": len(texts), "tokens": len(tokens),
+                     "chars": sum(map(len, texts)),
+                     "sha256": shards.write_shard(os.path.join(folder, name), tokens)}
+  write_atomic(unit_record(folder, unit), json.dumps(record).encode())
+  return record
 
 
-def _encode(batches: Iterable[list[tuple[str, str]]], tokenizer: Tokenizer,
-            workers: int) -> Iterator[tuple[list[tuple[str, str]], list[list[int]]]]:
-  """Yields `(batch, token ids)` in order, encoding up to 2 * `workers` batches at once."""
-  if workers <= 1:
-    for batch in batches:
-      yield batch, tokenizer.encode_batch([text for _, text in batch])
-    return
-  # spawn, not fork: the parent may hold JAX or Grain threads.
-  with futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_set_worker_tokenizer,
-                                   initargs=(tokenizer,)) as pool:
-    pending = collections.deque()
-    for batch in batches:
-      pending.append((batch, pool.submit(_worker_encode, [text for _, text in batch])))
-      if len(pending) >= 2 * workers:
-        batch, ids = pending.popleft()
-        yield batch, ids.result()
-    for batch, ids in pending:
-      yield batch, ids.result()
+def _build_units(corpus: sources.Corpus, tokenizer: Tokenizer, folder: str, shard_chars: int,
+                 workers: int) -> int:
+  """Builds every unit into `folder` with `workers` processes; returns the number of units."""
+  n_units = 0
+  with tqdm.tqdm(total=corpus.approx_chars or None, unit="char", unit_scale=True,
+                 desc="tokenizing", disable=None) as bar:
+    if workers <= 1:
+      for unit, docs in units(corpus, shard_chars):
+        build_unit(unit, docs, tokenizer, folder)
+        bar.update(sum(len(t) for _, t in docs))
+        n_units += 1
+      return n_units
+    # spawn, not fork: the parent may hold JAX or Grain threads.
+    with futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                     initializer=_set_worker_tokenizer,
+                                     initargs=(tokenizer, workers)) as pool:
+      pending = collections.deque()
+      for unit, docs in units(corpus, shard_chars):
+        pending.append((sum(len(t) for _, t in docs), pool.submit(_worker_build, unit, docs,
+                                                                  folder)))
+        n_units += 1
+        while len(pending) >= 2 * workers or (pending and pending[0][1].done()):
+          chars, done = pending.popleft()
+          done.result()
+          bar.update(chars)
+      for chars, done in pending:
+        done.result()
+        bar.update(chars)
+  return n_units
 
 
 _worker_tokenizer = None
 
 
-def _set_worker_tokenizer(tokenizer: Tokenizer) -> None:
+def _set_worker_tokenizer(tokenizer: Tokenizer, workers: int) -> None:
   global _worker_tokenizer  # pylint: disable=global-statement
+  if hasattr(tokenizer, "num_threads"):  # the cores are shared among the workers
+    tokenizer.num_threads = max(1, (os.cpu_count() or 1) // workers)
   _worker_tokenizer = tokenizer
 
 
-def _worker_encode(texts: list[str]) -> list[list[int]]:
-  return _worker_tokenizer.encode_batch(texts)
+def _worker_build(unit: int, docs: list[tuple[str, str]], folder: str) -> dict[str, Any]:
+  return build_unit(unit, docs, _worker_tokenizer, folder)
 
 
-def _batches(documents: Iterable[tuple[str, str]], chars: int) -> Iterator[list[tuple[str, str]]]:
-  """Groups documents into lists of about `chars` characters."""
-  batch, size = [], 0
-  for doc in documents:
-    batch.append(doc)
-    size += len(doc[1])
-    if size >= chars:
-      yield batch
-      batch, size = [], 0
-  if batch:
-    yield batch
-
-
-def _raw_to_npy(raw: str, npy: str, dtype: np.dtype, n: int) -> None:
-  """Prefixes the raw token file with an `.npy` header (the length is known only at the end)."""
-  with open(npy, "wb") as out, open(raw, "rb") as src:
-    np.lib.format.write_array_header_1_0(
-        out, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (n,)})
-    shutil.copyfileobj(src, out, 1 << 24)
-  os.remove(raw)
+# ---- commit ------------------------------------------------------------------------------------
+def commit(folder: str, final: str, k: dict[str, Any], tokenizer: Tokenizer,
+            corpus: sources.Corpus, n_units: int, build: dict[str, Any]) -> None:
+  """Checks the units of `folder` (all present, shards matching their records), writes the
+  manifest, and renames the folder to `final`."""
+  missing = [u for u in range(n_units) if not os.path.isfile(unit_record(folder, u))]
+  if missing:
+    raise DataError(f"the token cache build in {folder} lacks units {missing[:10]}"
+                    f"{' ...' if len(missing) > 10 else ''} of {n_units}; rebuild them first")
+  records = []
+  for u in range(n_units):
+    with open(unit_record(folder, u), encoding="utf-8") as f:
+      records.append(json.load(f))
+  splits = {}
+  for split in _SPLITS:
+    listed = [r[split] for r in records if split in r]
+    splits[split] = {"documents": sum(s["documents"] for s in listed),
+                     "tokens": sum(s["tokens"] for s in listed),
+                     "chars": sum(s["chars"] for s in listed), "shards": listed}
+  if not splits[sources.TRAIN]["documents"]:
+    raise fail(corpus.setting, "the corpus has no training documents (all empty or held out)",
+               "Point the source at non-empty text (and check data.max_docs/val_fraction).")
+  manifest = {"format": FORMAT_VERSION, "dtype": token_dtype(tokenizer.vocab_size).name,
+              "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
+              "tokenizer": tokenizer.fingerprint, "key": k, "units": n_units, "splits": splits}
+  shards.verify(folder, manifest)  # what the workers wrote is what their records say
+  listed = {s["file"] for split in splits.values() for s in split["shards"]}
+  for name in os.listdir(folder):  # unit records, worker and settings files: the build's, not
+    if name not in listed:         # the entry's
+      os.remove(os.path.join(folder, name))
+  write_atomic(os.path.join(folder, BUILD), json.dumps(build).encode())
+  shards.write_manifest(folder, manifest)
+  total = sum(s["tokens"] for s in splits.values())
+  logging.info("token cache: %d documents, %d tokens in %d shards (%s)",
+               sum(s["documents"] for s in splits.values()), total,
+               sum(len(s["shards"]) for s in splits.values()), build)
+  try:
+    os.rename(folder, final)
+  except OSError:  # another process finished the same entry first; theirs is identical
+    if not os.path.isfile(os.path.join(final, shards.MANIFEST)):
+      raise

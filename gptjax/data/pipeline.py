@@ -17,7 +17,6 @@ each host reads only the rows of every global batch that its devices hold (`rows
 
 from collections.abc import Sequence
 import functools
-import os
 import sys
 
 from absl import flags
@@ -27,37 +26,33 @@ import ml_collections
 import numpy as np
 
 from gptjax.data import cache
+from gptjax.data import shards
 from gptjax.data import sources
 from gptjax.data.errors import fail
 from gptjax.data.tokenizer import Tokenizer
 
 
 class PackedSequences:
-  """A Grain data source: window i = tokens[i * (L + 1) : (i + 1) * (L + 1)] of a `.npy` stream.
+  """A Grain data source: window i = tokens[i * (L + 1) : (i + 1) * (L + 1)] of a split's stream.
 
-  The tail shorter than one window is dropped. The file is memory-mapped lazily in each process, so
-  the source pickles cheaply to Grain's worker processes.
+  The stream is the split's shards read as one sequence (`shards.Stream`), so windows pack across
+  shard boundaries as across documents. The tail shorter than one window is dropped. Shards are
+  memory-mapped lazily in each process, so the source pickles cheaply to Grain's workers.
   """
 
-  def __init__(self, path: str, seq_len: int):
-    self.path, self.window = path, seq_len + 1
-    self._tokens = None
-    self.num_tokens = int(np.load(path, mmap_mode="r").shape[0])
+  def __init__(self, stream: shards.Stream, seq_len: int):
+    self.stream, self.window = stream, seq_len + 1
+    self.num_tokens = len(stream)
 
   def __len__(self) -> int:
     return self.num_tokens // self.window
 
   def __getitem__(self, i: int) -> np.ndarray:
-    if self._tokens is None:
-      self._tokens = np.load(self.path, mmap_mode="r")
     i = int(i)
-    return np.asarray(self._tokens[i * self.window:(i + 1) * self.window])
-
-  def __getstate__(self):
-    return {**self.__dict__, "_tokens": None}
+    return self.stream[i * self.window:(i + 1) * self.window]
 
   def __repr__(self) -> str:
-    return f"PackedSequences({os.path.basename(self.path)}, {len(self)} x {self.window})"
+    return f"PackedSequences({self.stream!r}, {len(self)} x {self.window})"
 
 
 class RowsOfBatches(grain.MapDataset):
@@ -148,7 +143,7 @@ def dataset(d: ml_collections.ConfigDict, tokenizer: Tokenizer, split: str, *, s
   if not len(rows) or rows.min() < 0 or rows.max() >= global_batch:
     raise ValueError(f"rows must be non-empty indices of a {global_batch}-row batch, got {rows}")
   entry = cache.load_or_build(d, tokenizer)
-  windows = PackedSequences(entry.file(split), seq_len)
+  windows = PackedSequences(entry.stream(split), seq_len)
   if not windows:
     setting, fix = (("data.val_fraction", "Hold out more documents or use a shorter train.seq_len.")
                     if split == sources.VAL else
