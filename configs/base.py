@@ -56,6 +56,11 @@ def get_config() -> ml_collections.ConfigDict:
   d.build_workers = 0  # processes building the cache (0 = one per core; one if the tokenizer
   #                      is multi-threaded); scripts/prepare_data.py --num_workers for many hosts
   d.verify_shards = True  # check every shard's sha256 against the manifest when a run opens it
+  # A weighted mixture (gptjax/data/mixture.py): name -> ConfigDict(weight=..., and the data.*
+  # settings where that source differs, e.g. source='files', paths='web/*.jsonl'); empty = the
+  # one source above. Validation is per source (eval/<name>/val_loss, .../bits_per_byte).
+  d.mixture = ml_collections.ConfigDict()
+  d.mixture_stages = ""  # weights from given steps on: 'STEP:NAME=W,NAME=W; STEP:...'
   d.document_mask = False  # segment ids (attention stays in a document) and per-document positions
   d.worker_count = 0  # Grain worker processes (0 = read in the main process)
   d.prefetch = 2  # batches prepared ahead of the step

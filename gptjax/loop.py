@@ -10,7 +10,6 @@ Metrics leave the device every `train.log_every` steps only.
 
 from collections.abc import Callable, Sequence
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -29,7 +28,7 @@ from gptjax import metrics as metrics_lib
 from gptjax import evaluate as evaluate_lib, feed, sharding
 from gptjax import distill, run as run_lib, train as train_lib
 from gptjax.errors import ConfigError
-from gptjax.data import cache, pipeline, tokenizer as tokenizer_lib
+from gptjax.data import tokenizer as tokenizer_lib, training
 from gptjax.train import Trainer
 
 
@@ -64,20 +63,6 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: str, devices=None):
          "data.tokenizer.kind='gpt2_bpe' with GPT-2's vocab.json + merges.txt.")
   cfg.model.vocab_size = tokenizer.vocab_size
   return tokenizer, sharding.make_mesh(cfg.mesh, devices)
-
-
-def data_fingerprint(cfg: ml_collections.ConfigDict, tokenizer) -> str:
-  """The identity of the run's token stream, from its content: the tokenizer, each split's
-  document, token and character counts, and the first and last MiB of each split's tokens (file
-  names and times do not count: a copied or re-written corpus with the same text is the same)."""
-  entry = cache.load_or_build(cfg.data, tokenizer)
-  splits = {split: {k: v for k, v in s.items() if k != "shards"}  # counts, as format 1 had them
-            for split, s in entry.meta["splits"].items()}
-  digest = hashlib.sha256(json.dumps({"tokenizer": entry.meta.get("tokenizer"),
-                                      "splits": splits}, sort_keys=True, default=str).encode())
-  for split in ("train", "val"):
-    digest.update(entry.npy_bytes(split, 1 << 20))
-  return digest.hexdigest()
 
 
 def _check_same_tokenizer(cfg: ml_collections.ConfigDict, other: str, tokenizer) -> None:
@@ -115,6 +100,20 @@ def evaluate(trainer: Trainer, params, eval_ds, rows: feed.HostRows) -> float:
   totals = [trainer.eval(params, rows.to_global(b)) for b in eval_ds]
   totals = jax.device_get(totals)
   return float(sum(t["loss_sum"] for t in totals) / max(sum(t["tokens"] for t in totals), 1.0))
+
+
+def validation_metrics(trainer: Trainer, params, validation: Sequence[training.Validation],
+                       rows: feed.HostRows) -> dict[str, float]:
+  """`val_loss` (a mixture's: the sources' losses weighted by the base mixture weights) and, per
+  source of a mixture, `eval/<source>/val_loss` and `eval/<source>/bits_per_byte`."""
+  out, total = {}, 0.0
+  for v in validation:
+    loss = evaluate(trainer, params, v.batches, rows)
+    total += v.weight * loss
+    if v.name:
+      out[f"eval/{v.name}/val_loss"] = loss
+      out[f"eval/{v.name}/bits_per_byte"] = loss / math.log(2) / v.bytes_per_token
+  return {"val_loss": total, **out}
 
 
 class _StopSignal:
@@ -169,17 +168,16 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str,
   plan, t = trainer.run, cfg.train
   args = trainer.model.args
   counts = accounting.param_counts(args)
-  fingerprint = data_fingerprint(cfg, tokenizer)
+  stream = training.Stream(cfg.data, tokenizer, seq_len=plan.seq_len,
+                           micro_batch=plan.micro_batch, seed=cfg.seed,
+                           sequences_before=lambda step: plan.tokens_before(step) // plan.seq_len)
+  fingerprint = stream.fingerprint()
   _check_same_on_all_hosts(fingerprint, "token stream",
                            "Give every host the same data files and data.* settings (the token "
                            "cache is built from them on each host).")
   rows = trainer.host_rows(plan.micro_batch)  # this host's rows of every micro-batch
-  train_it = pipeline.make(cfg.data, tokenizer, "train", seq_len=plan.seq_len,
-                           global_batch=plan.micro_batch, seed=cfg.seed, rows=rows.rows)
-  eval_ds = pipeline.make_eval(cfg.data, tokenizer, seq_len=plan.seq_len,
-                               global_batch=plan.micro_batch,
-                               num_batches=_validation_batches(cfg, plan, tokenizer),
-                               rows=rows.rows)
+  train_it = stream.train(rows.rows)
+  validation = stream.validation(cfg.train.eval_batches * plan.max_accum, rows.rows, _log)
   ckpt = checkpoint.Checkpointer(workdir, cfg.checkpoint, config=cfg)
   state = _restore_or_start(trainer, ckpt, cfg, workdir, train_it, fingerprint)
   if cfg.compress.distill.teacher:  # the frozen teacher is not part of the run's checkpoints
@@ -193,7 +191,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str,
   attention.announce(args, backend)  # one line per layer kind (and phase, where they differ)
 
   def validate(state) -> dict[str, Any]:
-    return {"val_loss": evaluate(trainer, state.params, eval_ds, rows),
+    return {**validation_metrics(trainer, state.params, validation, rows),
             **suite.metrics(state.params)}  # eval/<task>/<metric>; {} without eval.tasks
 
   def next_batch(step: int) -> list[dict[str, np.ndarray]]:
@@ -242,6 +240,13 @@ def _restore_or_start(trainer: Trainer, ckpt: checkpoint.Checkpointer,
         " the data its settings name has changed since (e.g. data.paths matches other files, or "
         "they were edited), so its data position would skip or repeat data. Restore the data to "
         f"resume, or start a new --workdir with --config.checkpoint.restore_from={workdir}.")
+  saved = meta.get("config")
+  why = saved and training.same_past(ml_collections.ConfigDict(saved["data"]), cfg.data,
+                                     meta["step"])
+  if why:
+    raise ConfigError(f"config.data.mixture_stages: the checkpoint at step {meta['step']} in "
+                      f"{workdir} cannot resume with these settings: {why}. Put them back, or "
+                      f"start a new --workdir with --config.checkpoint.restore_from={workdir}.")
   train_it.set_state(checkpoint.resume_data_state(meta, cfg, trainer.run))
   _log(f"resuming from the checkpoint at step {meta['step']} ({meta['tokens']:,} tokens seen)")
   return state
@@ -363,26 +368,6 @@ def _mesh_peak_flops(mesh) -> float | None:
   """The summed peak FLOP/s of the mesh's devices (None if any kind is unknown, e.g. CPUs)."""
   peaks = [accounting.peak_flops_of(d) for d in mesh.devices.flat]
   return None if any(p is None for p in peaks) else float(sum(peaks))
-
-
-def _validation_batches(cfg: ml_collections.ConfigDict, plan, tokenizer) -> int:
-  """Micro-batches per validation pass: `train.eval_batches` global batches, or fewer when the
-  val split holds fewer sequences (never repeated while the split has a micro-batch's worth)."""
-  asked = cfg.train.eval_batches * plan.max_accum
-  entry = cache.load_or_build(cfg.data, tokenizer)
-  available = entry.meta["splits"]["val"]["tokens"] // (plan.seq_len + 1)
-  if available >= asked * plan.micro_batch:
-    return asked
-  fit = available // plan.micro_batch
-  if fit:
-    _log(f"validation: the val split holds {available} sequences of {plan.seq_len + 1} tokens, "
-         f"fewer than train.eval_batches x train.global_batch = {asked * plan.micro_batch}; "
-         f"validating on {fit * plan.micro_batch} of them")
-    return fit
-  _log(f"WARNING: validation: the val split holds {available} sequences of {plan.seq_len + 1} "
-       f"tokens, less than one batch of {plan.micro_batch}; its sequences repeat within each "
-       "validation pass. Raise data.val_fraction for a larger one.")
-  return 1
 
 
 def _check_finite(fetched: list[dict[str, Any]], done: int, t: ml_collections.ConfigDict,

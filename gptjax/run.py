@@ -37,7 +37,7 @@ CONFIG = "config.json"
 # Settings that define the token stream a checkpoint's data position points into.
 _STREAM = ("seed", "data.source", "data.paths", "data.text_key", "data.txt_split",
            "data.tfds_name", "data.tfds_data_dir", "data.tfds_train_split", "data.tfds_val_split",
-           "data.val_fraction", "data.max_docs", "data.tokenizer.")
+           "data.val_fraction", "data.max_docs", "data.tokenizer.", "data.mixture.")
 # Fine-tuning: the settings that define its trained parameters and its examples.
 _FINETUNE_FIXED = ("seed", "finetune.base", "finetune.task", "finetune.peft", "finetune.freeze",
                    "finetune.train_path", "finetune.text_fields", "finetune.label_field",

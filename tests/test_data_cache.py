@@ -61,8 +61,9 @@ def test_streams_are_the_documents_each_followed_by_eos(setup):
     pieces = np.split(np.asarray(tokens), np.flatnonzero(tokens == tok.eos_id) + 1)[:-1]
     assert [tok.decode(p[:-1]) for p in pieces] == expected
     listed = entry.meta["splits"][split]
-    assert {k: listed[k] for k in ("documents", "tokens", "chars")} == {
-        "documents": len(expected), "tokens": len(tokens), "chars": sum(map(len, expected))}
+    assert {k: listed[k] for k in ("documents", "tokens", "chars", "bytes")} == {
+        "documents": len(expected), "tokens": len(tokens), "chars": sum(map(len, expected)),
+        "bytes": sum(len(t.encode()) for t in expected)}
     assert sum(s["tokens"] for s in listed["shards"]) == len(tokens)
   assert len(entry.meta["splits"]["train"]["shards"]) > 4  # the stream crosses shards
   assert entry.meta["splits"]["val"]["documents"] == 15

@@ -3,6 +3,7 @@ losses, parameters and optimizer state, bit for bit, with dropout on and along a
 
 import itertools
 import json
+import math
 import os
 import pathlib
 import signal
@@ -15,9 +16,11 @@ import numpy as np
 import pytest
 
 from gptjax import checkpoint, metrics, optim, sharding
+from gptjax.data import tokenizer as tokenizer_lib, training
 from gptjax.train import Trainer
 from test_checkpoint import latest_params, losses_by_step
 from test_loop import corpus_cfg
+import test_data_mixture
 
 DRIVER = """
 import sys, jax
@@ -57,6 +60,20 @@ def ramp_cfg(tmp):
   c.train.update(global_batch=8, micro_batch=0, log_every=1, eval_every=0, sample_tokens=0)
   c.optim.update(batch_ramp_start=2 * 64, batch_ramp_tokens=1536, batch_ramp_buckets=4)
   c.checkpoint.update(save_every=5, keep=5, async_save=True)
+  return c
+
+
+def mixture_cfg(tmp):
+  """12 steps over three sources whose weights change at step 6, every loss logged."""
+  c = corpus_cfg(pathlib.Path(tmp), steps=12)
+  with c.unlocked():
+    for i, (name, words) in enumerate(test_data_mixture.WORDS.items()):
+      path = pathlib.Path(tmp) / f"{name}.jsonl"
+      test_data_mixture.write_source(path, words, 150, seed=i)
+      c.data.mixture[name] = {"weight": (0.5, 0.3, 0.2)[i], "paths": str(path)}
+  c.data.mixture_stages = "6:prose=0.1,code=0.8,web=0.1"
+  c.train.update(log_every=1, eval_every=6, sample_tokens=0)
+  c.checkpoint.update(save_every=4, keep=5, async_save=True)
   return c
 
 
@@ -243,3 +260,31 @@ def test_sigkill_mid_batch_ramp_resumes_bit_exactly(tmp_path, launch):
   assert [tokens[s] for s in range(1, 13)] == list(itertools.accumulate(per_step))
   assert [r["step"] for r in metrics.read(killed)] == [*range(1, hang + 1), *range(saved + 1, 13)]
   assert_same_run(ramp_cfg(tmp_path), straight, killed)
+
+
+@pytest.mark.slow
+def test_sigkill_across_a_mixture_stage_resumes_bit_exactly(tmp_path, launch):
+  """Three sources, their weights changing at step 6: killed at step 7 with its checkpoint at 4,
+  the run resumes before the stage change, crosses it again, and ends as the uninterrupted run;
+  validation reports each source."""
+  straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+  other = launch(straight, make="mixture_cfg")
+  kill_when_hung(launch(killed, make="mixture_cfg", hang=7), killed, saved_step=4)
+  out = finish(launch(killed, make="mixture_cfg"))
+  assert "resuming from the checkpoint at step 4 " in out
+  finish(other)
+  assert [r["step"] for r in metrics.read(killed)] == [*range(1, 8), *range(5, 13)]
+  assert_same_run(mixture_cfg(tmp_path), straight, killed)
+  cfg = mixture_cfg(tmp_path)
+  tok = tokenizer_lib.load_or_train(cfg.data, straight)
+  entries = training.Stream(cfg.data, tok, seq_len=64, micro_batch=8, seed=0).entries()
+  evals = [r for r in metrics.read(straight) if "val_loss" in r]
+  assert [r["step"] for r in evals] == [6, 12]
+  for r in evals:
+    per_source = {n: r[f"eval/{n}/val_loss"] for n in ("code", "prose", "web")}
+    assert r["val_loss"] == pytest.approx(
+        0.3 * per_source["code"] + 0.5 * per_source["prose"] + 0.2 * per_source["web"])
+    for n, loss in per_source.items():  # bits/byte = nats/token / ln 2 x tokens / UTF-8 bytes
+      val = entries[n].meta["splits"]["val"]
+      assert r[f"eval/{n}/bits_per_byte"] == pytest.approx(
+          loss / math.log(2) * val["tokens"] / val["bytes"])

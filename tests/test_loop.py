@@ -9,7 +9,7 @@ import pytest
 
 import configs
 from gptjax import loop, metrics, optim, run as run_lib
-from gptjax.data import cache, stats, tokenizer as tokenizer_lib
+from gptjax.data import cache, stats, tokenizer as tokenizer_lib, training
 
 WORDS = ("the cat sat on a mat and the dog ran to it while a bird sang in the tree above them "
          "def return class import value token model data step loss").split()
@@ -74,10 +74,16 @@ def test_validation_covers_eval_batches_global_batches_or_says_how_many(tmp_path
   entry = cache.load_or_build(cfg.data, tok)
   available = len(entry.tokens("val")) // (plan.seq_len + 1)  # whole val sequences in the split
   assert available >= 16, available
+  stream = training.Stream(cfg.data, tok, seq_len=plan.seq_len, micro_batch=plan.micro_batch,
+                           seed=0)
+
+  def batches(eval_batches):
+    (v,) = stream.validation(eval_batches * plan.max_accum, np.arange(4), print)
+    return len(list(v.batches))
+
   # 2 global batches of 8 = 4 micro-batches of 4: every asked-for sequence, none repeated.
-  assert loop._validation_batches(cfg, plan, tok) == 4
-  cfg.train.eval_batches = 100
-  assert loop._validation_batches(cfg, plan, tok) == available // 4
+  assert batches(2) == 4
+  assert batches(100) == available // 4
   assert (f"the val split holds {available} sequences of 65 tokens, fewer than "
           "train.eval_batches x train.global_batch = 800; validating on "
           f"{available // 4 * 4} of them") in capsys.readouterr().out

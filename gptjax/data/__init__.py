@@ -7,6 +7,8 @@
   independent workers (`workers`) or with Apache Beam (`beam_build`), byte-identical whoever
   builds it.
 - `pipeline`: `make(...)` / `make_eval(...)`: packed sequences, this host's slice of each batch.
+- `mixture`: weighted mixtures of sources with staged weights; `training`: what a pre-training
+  run reads (train iterator, validation per source, the stream's fingerprint).
 - `stats`: `unigram_entropy(tokens, vocab_size)` and corpus statistics.
 - `errors`: `DataError`, the `ValueError` every bad setting or input raises.
 """

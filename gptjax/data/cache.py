@@ -59,7 +59,8 @@ class TokenCache:
   Attributes:
     path: its folder: the shards and `manifest.json`.
     meta: the manifest: `dtype`, `vocab_size`, `eos_id`, `tokenizer` (fingerprint), `key`, and per
-      split `documents`, `tokens`, `chars` and `shards` (file, counts and sha256 of each).
+      split `documents`, `tokens`, `chars`, UTF-8 `bytes` and `shards` (file, counts and sha256 of
+      each).
   """
 
   path: str
@@ -214,6 +215,7 @@ def build_unit(unit: int, docs: list[tuple[str, str]], tokenizer: Tokenizer,
     name = shards.shard_name(split, unit)
     record[split] = {"file": name, "documents": len(texts), "tokens": len(tokens),
                      "chars": sum(map(len, texts)),
+                     "bytes": sum(len(t.encode("utf-8", "surrogatepass")) for t in texts),
                      "sha256": shards.write_shard(os.path.join(folder, name), tokens)}
   write_atomic(unit_record(folder, unit), json.dumps(record).encode())
   return record
@@ -282,7 +284,8 @@ def commit(folder: str, final: str, k: dict[str, Any], tokenizer: Tokenizer,
     listed = [r[split] for r in records if split in r]
     splits[split] = {"documents": sum(s["documents"] for s in listed),
                      "tokens": sum(s["tokens"] for s in listed),
-                     "chars": sum(s["chars"] for s in listed), "shards": listed}
+                     "chars": sum(s["chars"] for s in listed),
+                     "bytes": sum(s["bytes"] for s in listed), "shards": listed}
   if not splits[sources.TRAIN]["documents"]:
     raise fail(corpus.setting, "the corpus has no training documents (all empty or held out)",
                "Point the source at non-empty text (and check data.max_docs/val_fraction).")

@@ -15,7 +15,7 @@ each host reads only the rows of every global batch that its devices hold (`rows
     state = it.get_state()  # JSON-serialisable; a new iterator's set_state(state) resumes exactly
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 import functools
 import sys
 
@@ -26,9 +26,10 @@ import ml_collections
 import numpy as np
 
 from gptjax.data import cache
+from gptjax.data import mixture
 from gptjax.data import shards
 from gptjax.data import sources
-from gptjax.data.errors import fail
+from gptjax.data.errors import DataError, fail
 from gptjax.data.tokenizer import Tokenizer
 
 
@@ -115,7 +116,8 @@ def to_example(windows_BxW: np.ndarray, *, eos_id: int, segment_ids: bool) -> di
 
 def dataset(d: ml_collections.ConfigDict, tokenizer: Tokenizer, split: str, *, seq_len: int,
             global_batch: int, seed: int = 0, num_batches: int | None = None,
-            rows: Sequence[int] | None = None) -> grain.MapDataset:
+            rows: Sequence[int] | None = None,
+            sequences_before: Callable[[int], int] | None = None) -> grain.MapDataset:
   """This host's batches as a random-access Grain dataset: element k is its part of step k.
 
   Args:
@@ -127,12 +129,16 @@ def dataset(d: ml_collections.ConfigDict, tokenizer: Tokenizer, split: str, *, s
     seed: shuffle seed ('train' only).
     num_batches: if set, the dataset ends after this many steps (repeating a short split).
     rows: the rows of every global batch this host loads (`HostRows.rows`); default all of them.
+    sequences_before: for a mixture with `data.mixture_stages`, the sequences read before an
+      optimizer step (with accumulation or a batch ramp, not step * global_batch, the default).
 
   Returns:
-    A `grain.MapDataset` of dicts (see `to_example`) with len(rows) rows each.
+    A `grain.MapDataset` of dicts (see `to_example`) with len(rows) rows each. With
+    `data.mixture`, the 'train' split mixes the sources' windows (`mixture.Mixture`); 'val' is
+    read per source (`make_eval` on `mixture.sources(d)[i].data`).
 
   Raises:
-    DataError: the split holds less than one sequence.
+    DataError: the split holds less than one sequence, or a mixture setting is invalid.
   """
   if split not in (sources.TRAIN, sources.VAL):
     raise ValueError(f"split must be {sources.TRAIN!r} or {sources.VAL!r}, got {split!r}")
@@ -142,18 +148,16 @@ def dataset(d: ml_collections.ConfigDict, tokenizer: Tokenizer, split: str, *, s
   rows = np.arange(global_batch) if rows is None else np.asarray(rows, np.int64)
   if not len(rows) or rows.min() < 0 or rows.max() >= global_batch:
     raise ValueError(f"rows must be non-empty indices of a {global_batch}-row batch, got {rows}")
-  entry = cache.load_or_build(d, tokenizer)
-  windows = PackedSequences(entry.stream(split), seq_len)
-  if not windows:
-    setting, fix = (("data.val_fraction", "Hold out more documents or use a shorter train.seq_len.")
-                    if split == sources.VAL else
-                    ("train.seq_len", "Use more training text or shorter sequences."))
-    raise fail(setting, f"the {split} split has {windows.num_tokens} tokens, less than one "
-               f"sequence of seq_len + 1 = {seq_len + 1}", fix)
-  ds = grain.MapDataset.source(windows)
-  if split == sources.TRAIN:
-    ds = ds.shuffle(seed=seed)
-  ds = ds.repeat(None)  # endless; Grain reseeds the shuffle each epoch: a new permutation
+  if split == sources.TRAIN and mixture.active(d):
+    mixed = mixture.sources(d)
+    parents = [_shuffled(_windows(s.data, tokenizer, split, seq_len, f"data.mixture.{s.name}"),
+                         split, mixture.source_seed(seed, s.name))
+               for s in mixed]
+    starts, weights = mixture.stage_starts(
+        d, [s.name for s in mixed], sequences_before or (lambda step: step * global_batch))
+    ds = mixture.Mixture(parents, starts, weights)
+  else:
+    ds = _shuffled(_windows(d, tokenizer, split, seq_len), split, seed)
   ds = RowsOfBatches(ds, global_batch, rows)
   if num_batches is not None:
     ds = ds.slice(slice(0, num_batches))
@@ -161,9 +165,36 @@ def dataset(d: ml_collections.ConfigDict, tokenizer: Tokenizer, split: str, *, s
                                   segment_ids=d.document_mask))
 
 
+def _windows(d: ml_collections.ConfigDict, tokenizer: Tokenizer, split: str, seq_len: int,
+             source: str = "data") -> PackedSequences:
+  """The packed windows of one source's split (its cache built on first use). `source` names it
+  in errors: 'data', or 'data.mixture.<name>' for a source of a mixture."""
+  try:
+    windows = PackedSequences(cache.load_or_build(d, tokenizer).stream(split), seq_len)
+  except DataError as e:
+    raise mixture.renamed(e, source) from e
+  if not windows:
+    setting, fix = ((f"{source}.val_fraction",
+                     "Hold out more documents or use a shorter train.seq_len.")
+                    if split == sources.VAL else
+                    ("train.seq_len", f"Use more training text ({source}) or shorter sequences."))
+    raise fail(setting, f"the {split} split has {windows.num_tokens} tokens, less than one "
+               f"sequence of seq_len + 1 = {seq_len + 1}", fix)
+  return windows
+
+
+def _shuffled(windows: PackedSequences, split: str, seed: int) -> grain.MapDataset:
+  """Endless windows: 'train' in a fresh permutation each epoch (Grain reseeds the shuffle per
+  epoch), 'val' in order."""
+  ds = grain.MapDataset.source(windows)
+  if split == sources.TRAIN:
+    ds = ds.shuffle(seed=seed)
+  return ds.repeat(None)
+
+
 def make(d: ml_collections.ConfigDict, tokenizer: Tokenizer, split: str = sources.TRAIN, *,
-         seq_len: int, global_batch: int, seed: int,
-         rows: Sequence[int] | None = None) -> grain.DatasetIterator:
+         seq_len: int, global_batch: int, seed: int, rows: Sequence[int] | None = None,
+         sequences_before: Callable[[int], int] | None = None) -> grain.DatasetIterator:
   """The checkpointable iterator over this host's batches, step after step.
 
   Arguments are those of `dataset`. Batches are prepared `data.prefetch` ahead, in
@@ -175,7 +206,7 @@ def make(d: ml_collections.ConfigDict, tokenizer: Tokenizer, split: str = source
     (without workers the state is `{'next_index': step}`).
   """
   ds = dataset(d, tokenizer, split, seq_len=seq_len, global_batch=global_batch, seed=seed,
-               rows=rows)
+               rows=rows, sequences_before=sequences_before)
   return iter(_prefetch(ds, d, workers=d.worker_count))
 
 
