@@ -63,6 +63,7 @@ class Tokenizer(Protocol):
   eos_id: int
   pad_id: int
   fingerprint: str  # sha256 of the model files: equal fingerprints tokenize identically
+  cache_identity: dict  # fingerprint, kind and the encoding library's version: a cache key part
   origin: str  # how it was obtained, for logs ('trained on ... in 6.9 s', 'loaded from ...')
 
   def encode(self, text: str) -> list[int]: ...
@@ -125,6 +126,12 @@ class SentencePieceTokenizer:
 
   def id_to_piece(self, i: int) -> str:
     return self._sp.id_to_piece(int(i))
+
+  @property
+  def cache_identity(self) -> dict:
+    """What decides the ids, for cache keys: kind, model file (`fingerprint`) and library."""
+    return {"kind": self.kind, "fingerprint": self.fingerprint,
+            "engine": {"library": "sentencepiece", "version": spm.__version__}}
 
   @property
   def byte_ids(self) -> np.ndarray:
