@@ -74,7 +74,7 @@ def tok(vocab_dir):
 @pytest.fixture(scope="module")
 def trained_dir(tmp_path_factory):
   """A realistic vocabulary: 4,000 merges trained by HF tokenizers on 1M characters."""
-  return gpt2_vocab.train_vocab(gpt2_vocab.corpus_texts(1_000_000), 4000,
+  return gpt2_bpe.train_vocabulary(gpt2_vocab.corpus_texts(1_000_000), 4000,
                                 str(tmp_path_factory.mktemp("trained")))
 
 

@@ -32,6 +32,7 @@ tiktoken except on characters its Unicode version (`unicodedata.unidata_version`
 from collections.abc import Iterable, Sequence
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -344,3 +345,34 @@ class GPT2BPETokenizer:
   def byte_ids(self) -> np.ndarray:
     """Ids that stand for raw bytes when a piece is unknown: none, GPT-2's bytes are ordinary."""
     return np.zeros((0,), np.int64)
+
+
+def train_vocabulary(texts: Iterable[str], num_merges: int, out_dir: str) -> str:
+  """Trains a GPT-2-format byte-level BPE on `texts` with Hugging Face `tokenizers` (the `hf`
+  extra); writes `vocab.json` + `merges.txt` into `out_dir` for `GPT2BPETokenizer.from_dir`.
+
+  The vocabulary holds `<|endoftext|>` (id 0: the trainer puts special tokens first), the 256 byte
+  tokens, then one token per merge in merge order, so ids follow merges as in GPT-2's own files.
+
+  Args:
+    texts: training documents.
+    num_merges: merges to learn (fewer if the texts run out of pairs seen at least twice).
+    out_dir: folder to write into (created if needed).
+
+  Returns:
+    `out_dir`.
+  """
+  # pylint: disable=import-outside-toplevel
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+      vocab_size=1 + 256 + num_merges, min_frequency=2, show_progress=False,
+      special_tokens=[EOS_TOKEN], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  texts = iter(texts)
+  tok.train_from_iterator(iter(lambda: list(itertools.islice(texts, 256)), []), trainer=trainer)
+  os.makedirs(out_dir, exist_ok=True)
+  tok.model.save(out_dir)
+  return out_dir
