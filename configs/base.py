@@ -41,7 +41,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---- data (gptjax/data/) -----------------------------------------------------------------
   d = c.data = ml_collections.ConfigDict()
-  d.source = "embedded"  # 'embedded' (text shipped with Python: no download), 'files' or 'tfds'
+  d.source = "embedded"  # 'embedded' (text shipped with Python: no download), 'files', 'tfds' or
+  #                         'hf' (Hugging Face datasets: local files or a dataset name)
   d.paths = ""  # source 'files': comma-separated globs of .txt / .jsonl / .parquet files
   d.text_key = "text"  # field holding the text in .jsonl / .parquet records and TFDS examples
   d.txt_split = "file"  # .txt files: 'file' = one document per file, 'blank_line' = per paragraph
@@ -49,6 +50,15 @@ def get_config() -> ml_collections.ConfigDict:
   d.tfds_data_dir = ""  # where the TFDS dataset was prepared ('' = TFDS default)
   d.tfds_train_split = "train"  # TFDS split for training
   d.tfds_val_split = "validation"  # TFDS split for validation ('' = hold out val_fraction of train)
+  d.hf_name = ""  # source 'hf': Hugging Face dataset name (or local dataset folder), 'wikitext'
+  d.hf_config = ""  # source 'hf': the dataset's config, e.g. 'wikitext-103-raw-v1' ('' = default)
+  d.hf_files = ""  # source 'hf': instead of hf_name, globs of .parquet / .json(l) / .arrow files
+  d.hf_val_files = ""  # source 'hf' with hf_files: globs of the val files ('' = hold out)
+  d.hf_train_split = "train"  # source 'hf' with hf_name: split for training
+  d.hf_val_split = ""  # source 'hf' with hf_name: split for validation ('' = hold out val_fraction)
+  d.hf_cache_dir = ""  # datasets' cache ('' = $HF_DATASETS_CACHE or ~/.cache/huggingface/datasets)
+  d.hf_streaming = False  # source 'hf': tokenize while streaming, no token cache (needs val split)
+  d.hf_shuffle_buffer = 0  # hf_streaming: train windows shuffled in seeded blocks of N (0 = off)
   d.val_fraction = 0.01  # fraction of documents held out for validation (never split inside a doc)
   d.max_docs = 0  # use at most this many documents (0 = all)
   d.cache_dir = ""  # tokenized-data cache ('' = $GPTJAX_CACHE or ~/.cache/gptjax)

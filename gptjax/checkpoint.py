@@ -350,8 +350,9 @@ def resume_data_state(meta: dict[str, Any], cfg: ml_collections.ConfigDict, plan
     return state
   why = None
   if set(state) != {"next_index"}:
-    why = ("its data position was saved by Grain worker processes (data.worker_count > 0) and "
-           "cannot be moved to another micro-batch")
+    why = ("its data position was saved by Grain worker processes (data.worker_count > 0) or "
+           "is a position in a streamed source (data.hf_streaming), and cannot be moved to "
+           "another micro-batch")
   elif plan.tokens_before(step) != meta["tokens"]:
     why = (f"with optim.batch_ramp_tokens the ramp is planned in micro-batches, so the new plan "
            f"has {plan.tokens_before(step):,} tokens before step {step} instead of "

@@ -39,6 +39,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
+from gptjax.data import hf_source
 from gptjax.data import shards
 from gptjax.data import sources
 from gptjax.data.errors import DataError, fail
@@ -156,6 +157,8 @@ def load(path: str, d: ml_collections.ConfigDict | None = None) -> TokenCache:
 
 
 def check_settings(d: ml_collections.ConfigDict) -> None:
+  """Refuses cache settings that cannot work, and a streamed source (it has no token cache)."""
+  hf_source.refuse_streaming(d)
   if d.shard_chars < 1:
     raise fail("data.shard_chars", f"must be >= 1, got {d.shard_chars}",
                "Use e.g. 33_554_432 (about 8M tokens per shard).")

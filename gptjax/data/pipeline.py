@@ -13,6 +13,11 @@ each host reads only the rows of every global batch that its devices hold (`rows
                        rows=feed.rows)
     batch = next(it)  # {"inputs": int32[len(rows), L], "targets", ["segment_ids", "positions"]}
     state = it.get_state()  # JSON-serialisable; a new iterator's set_state(state) resumes exactly
+
+A streamed source (`data.source='hf'` with `data.hf_streaming`, see `hf_source.py`) has no token
+cache and no random access: `make` and `make_eval` read it in order instead
+(`hf_source.StreamedBatches`), with the same batches (`to_example`), rows and checkpointable
+iterators.
 """
 
 from collections.abc import Callable, Sequence
@@ -26,6 +31,7 @@ import ml_collections
 import numpy as np
 
 from gptjax.data import cache
+from gptjax.data import hf_source
 from gptjax.data import mixture
 from gptjax.data import shards
 from gptjax.data import sources
@@ -145,11 +151,14 @@ def dataset(d: ml_collections.ConfigDict, tokenizer: Tokenizer, split: str, *, s
   if seq_len < 1 or global_batch < 1:
     raise fail("train.seq_len", f"seq_len={seq_len} and global_batch={global_batch} must be >= 1",
                "Set positive sizes.")
+  hf_source.refuse_streaming(d)  # read in order by `make`, never at random
   rows = np.arange(global_batch) if rows is None else np.asarray(rows, np.int64)
   if not len(rows) or rows.min() < 0 or rows.max() >= global_batch:
     raise ValueError(f"rows must be non-empty indices of a {global_batch}-row batch, got {rows}")
   if split == sources.TRAIN and mixture.active(d):
     mixed = mixture.sources(d)
+    for s in mixed:
+      hf_source.refuse_streaming(s.data, f"data.mixture.{s.name}")
     parents = [_shuffled(_windows(s.data, tokenizer, split, seq_len, f"data.mixture.{s.name}"),
                          split, mixture.source_seed(seed, s.name))
                for s in mixed]
@@ -203,8 +212,12 @@ def make(d: ml_collections.ConfigDict, tokenizer: Tokenizer, split: str = source
   Returns:
     A `grain.DatasetIterator`: `next(it)` gives the next batch; `it.get_state()` is a JSON-able
     dict and `it.set_state(state)` on a fresh iterator with the same arguments resumes exactly
-    (without workers the state is `{'next_index': step}`).
+    (without workers the state is `{'next_index': step}`; for a streamed source, its position in
+    the stream: see `hf_source`).
   """
+  if hf_source.streaming(d):
+    return iter(_streamed(d, tokenizer, split, seq_len=seq_len, global_batch=global_batch,
+                          seed=seed, rows=rows))
   ds = dataset(d, tokenizer, split, seq_len=seq_len, global_batch=global_batch, seed=seed,
                rows=rows, sequences_before=sequences_before)
   return iter(_prefetch(ds, d, workers=d.worker_count))
@@ -218,6 +231,9 @@ def make_eval(d: ml_collections.ConfigDict, tokenizer: Tokenizer, *, seq_len: in
   Returns:
     A `grain.IterDataset`; every `iter()` of it yields the same `num_batches` batches.
   """
+  if hf_source.streaming(d):
+    return _streamed(d, tokenizer, sources.VAL, seq_len=seq_len, global_batch=global_batch,
+                     rows=rows, num_batches=num_batches)
   ds = dataset(d, tokenizer, sources.VAL, seq_len=seq_len, global_batch=global_batch,
                num_batches=num_batches, rows=rows)
   return _prefetch(ds, d, workers=0)  # workers would start anew on every pass
@@ -239,3 +255,21 @@ def _prefetch(ds: grain.MapDataset, d: ml_collections.ConfigDict,
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
                                                      per_worker_buffer_size=max(d.prefetch, 1)))
   return it
+
+
+def _streamed(d: ml_collections.ConfigDict, tokenizer: Tokenizer, split: str, *, seq_len: int,
+              global_batch: int, seed: int = 0, rows: Sequence[int] | None = None,
+              num_batches: int | None = None) -> grain.IterDataset:
+  """A streamed source's batches (`hf_source.StreamedBatches`) as `to_example` dicts, read
+  `data.prefetch` batches ahead in a thread."""
+  if d.prefetch < 0:
+    raise fail("data.prefetch", f"must be >= 0, got {d.prefetch}", "Use 0 to turn it off.")
+  if d.worker_count:
+    raise fail("data.worker_count", f"is {d.worker_count} but a streamed source is read in order "
+               "by one reader (each worker process would read the whole stream)",
+               "Set data.worker_count=0; data.prefetch reads ahead in a thread.")
+  ds = hf_source.StreamedBatches(d, tokenizer, split, seq_len=seq_len, global_batch=global_batch,
+                                 seed=seed, rows=rows, num_batches=num_batches)
+  ds = ds.map(functools.partial(to_example, eos_id=tokenizer.eos_id,
+                                segment_ids=d.document_mask))
+  return grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=d.prefetch)

@@ -1,4 +1,5 @@
-"""Where documents come from: the embedded corpus, local files, or a prepared TFDS dataset.
+"""Where documents come from: the embedded corpus, local files, a prepared TFDS dataset, or
+Hugging Face `datasets` (`hf_source.py`).
 
 `open_corpus(cfg.data)` checks the settings up front (paths exist, globs match, the TFDS dataset is
 prepared) and returns a `Corpus`. `Corpus.documents()` then yields `(split, text)` pairs in a fixed
@@ -27,7 +28,7 @@ import numpy as np
 from gptjax.data.errors import fail
 
 TRAIN, VAL = "train", "val"
-SOURCES = ("embedded", "files", "tfds")
+SOURCES = ("embedded", "files", "tfds", "hf")
 FILE_TYPES = (".txt", ".jsonl", ".parquet")
 TXT_SPLITS = ("file", "blank_line")
 # Bump when the embedded recipe changes, so caches keyed on it are rebuilt.
@@ -52,6 +53,8 @@ class Corpus:
   fingerprint: dict[str, Any]
   approx_chars: int
   _documents: Callable[[], Iterator[tuple[str, str]]]
+  # Reads one split alone, where a source can (its val split without the train split first).
+  _split_texts: Callable[[str], Iterator[str]] | None = None
 
   def documents(self) -> Iterator[tuple[str, str]]:
     """Yields `(split, text)` for every non-empty document, in a fixed order."""
@@ -59,6 +62,8 @@ class Corpus:
 
   def texts(self, split: str) -> Iterator[str]:
     """Yields the texts of one split (`TRAIN` or `VAL`) in order."""
+    if self._split_texts is not None:
+      return self._split_texts(split)
     return (text for s, text in self.documents() if s == split)
 
 
@@ -112,7 +117,8 @@ def open_corpus(d: ml_collections.ConfigDict) -> Corpus:
 
   Raises:
     DataError: a setting is invalid (unknown source, missing path, glob matching nothing, unknown or
-      unprepared TFDS dataset, ...); the message names the setting and how to fix it.
+      unprepared TFDS dataset, Hugging Face dataset that cannot be loaded, ...); the message names
+      the setting and how to fix it.
   """
   if d.source not in SOURCES:
     raise fail("data.source", f"unknown source {d.source!r}", f"Use one of {SOURCES}.")
@@ -124,6 +130,17 @@ def open_corpus(d: ml_collections.ConfigDict) -> Corpus:
   # Read settings now: the documents must match the fingerprint even if `d` changes later.
   max_docs, val_fraction, text_key = d.max_docs, d.val_fraction, d.text_key
   held_out = {"val_fraction": val_fraction, "max_docs": max_docs}
+
+  if d.source == "hf":
+    from gptjax.data import hf_source  # pylint: disable=import-outside-toplevel  (datasets if used)
+    hf = hf_source.open_source(d)
+    read = lambda split: _limit(hf.texts(split), max_docs)
+    if hf.spec.val_split:
+      documents = lambda: itertools.chain(((TRAIN, t) for t in read(TRAIN)),
+                                          ((VAL, t) for t in read(VAL)))
+      return Corpus(hf.spec.setting, hf.fingerprint, hf.approx_chars, documents, read)
+    return Corpus(hf.spec.setting, hf.fingerprint, hf.approx_chars,
+                  lambda: _hold_out(read(TRAIN), val_fraction))
 
   if d.source == "embedded":
     items = embedded_files()

@@ -1,7 +1,9 @@
 """What a pre-training run reads: its train iterator, its validation sets, its stream's identity.
 
 One source (`data.source`) or a mixture (`data.mixture`, see `mixture.py`): the loop asks the same
-questions of both.
+questions of both. A streamed source (`data.hf_streaming`, see `hf_source.py`) has no token cache:
+its validation reads the first batches of its val split, and its fingerprint is the dataset's
+identity (names, files, versions), not its content.
 
     stream = training.Stream(cfg.data, tokenizer, seq_len=256, micro_batch=16, seed=0,
                              sequences_before=lambda step: plan.tokens_before(step) // 256)
@@ -20,7 +22,7 @@ from typing import Any
 import grain
 import ml_collections
 
-from gptjax.data import cache, mixture, pipeline, sources
+from gptjax.data import cache, hf_source, mixture, pipeline, sources
 from gptjax.data.errors import DataError
 from gptjax.data.tokenizer import Tokenizer
 
@@ -67,6 +69,7 @@ class Stream:
     """Each source's token cache (built on first use), by name."""
     out = {}
     for name, _, d in self.sources():
+      hf_source.refuse_streaming(d, f"data.mixture.{name}" if name else "data")
       try:
         out[name] = cache.load_or_build(d, self.tokenizer)
       except DataError as e:
@@ -83,6 +86,8 @@ class Stream:
                  log: Callable[[str], None]) -> list[Validation]:
     """Each source's validation set: `eval_batches` micro-batches, or fewer when its val split
     holds fewer sequences (never repeated while it holds one micro-batch; `log` says so)."""
+    if hf_source.streaming(self.d):
+      return [self._streamed_validation(eval_batches, rows, log)]
     out, entries = [], self.entries()
     for name, weight, d in self.sources():
       split = entries[name].meta["splits"][sources.VAL]
@@ -97,10 +102,26 @@ class Stream:
     """The identity of the token stream, from its content: the tokenizer, each split's document,
     token and character counts, and the first and last MiB of each split's tokens (file names and
     times do not count: a copied or re-written corpus with the same text is the same). A mixture
-    hashes each source's, by name."""
+    hashes each source's, by name. A streamed source: the tokenizer and the corpus fingerprint
+    (names, config, files with sizes and times or the dataset's hash, splits, versions)."""
+    if hf_source.streaming(self.d):
+      identity = {"tokenizer": self.tokenizer.fingerprint, "streamed": True,
+                  "corpus": sources.open_corpus(self.d).fingerprint}
+      return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
     parts = {name: _content(entry) for name, entry in self.entries().items()}
     return parts[""] if "" in parts else hashlib.sha256(
         json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+  def _streamed_validation(self, eval_batches: int, rows: Sequence[int],
+                           log: Callable[[str], None]) -> Validation:
+    """A streamed source's validation set: the first batches of its val split; bytes per token
+    measured on the documents that fill them."""
+    available, bytes_per_token = hf_source.val_stats(
+        self.d, self.tokenizer, seq_len=self.seq_len, windows=eval_batches * self.micro_batch)
+    n = _batches(available, eval_batches, self.micro_batch, self.seq_len, "the val split", log)
+    batches = pipeline.make_eval(self.d, self.tokenizer, seq_len=self.seq_len,
+                                 global_batch=self.micro_batch, num_batches=n, rows=rows)
+    return Validation("", 1.0, batches, bytes_per_token)
 
 
 def _content(entry: cache.TokenCache) -> str:
