@@ -12,6 +12,7 @@ import pytest
 from configs import tiny
 from gptjax.data import cache, hf_source, pipeline, sources, training
 from gptjax.data.errors import DataError
+from test_data_pipeline import assert_same, take, windows
 
 datasets = pytest.importorskip("datasets")
 pa = pytest.importorskip("pyarrow")
@@ -127,22 +128,6 @@ def reference_windows(docs):
   tokens = reference_tokens(docs)
   n = len(tokens) // W
   return tokens[:n * W].reshape(n, W)
-
-
-def take(it, n):
-  return [next(it) for _ in range(n)]
-
-
-def windows(batch):
-  return np.concatenate([batch["inputs"], batch["targets"][:, -1:]], axis=1)
-
-
-def assert_same(a, b):
-  assert len(a) == len(b)
-  for x, y in zip(a, b):
-    assert x.keys() == y.keys()
-    for k in x:
-      np.testing.assert_array_equal(x[k], y[k])
 
 
 def make(d, split="train", **kw):
