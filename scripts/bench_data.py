@@ -20,6 +20,7 @@ Usage:
   manifest's shard checksums, which must all be equal.
 """
 
+import itertools
 import json
 import os
 import tempfile
@@ -99,9 +100,9 @@ def suite_build(cfg, scratch: str) -> None:
   d = cfg.data
   d.source, d.paths, d.val_fraction, d.max_docs = "files", corpus, 0.001, 0
   d.shard_chars = 1 << 23  # ~12 units per 100M characters: both workers stay busy
-  vocab = gpt2_bpe.train_vocabulary(
-      (json.loads(line)["text"] for line in open(corpus, encoding="utf-8")),
-      16_000, os.path.join(scratch, "gpt2_16k"))
+  vocab = gpt2_bpe.train_vocabulary(  # on the first 6M characters: one copy of the corpus
+      itertools.islice((json.loads(line)["text"] for line in open(corpus, encoding="utf-8")),
+                       _docs_within(corpus, 6_000_000)), 16_000, os.path.join(scratch, "gpt2_16k"))
   d.tokenizer.train_chars = 20_000_000
   spm = tokenizer.load_or_train(d, None)
   gpt2 = gpt2_bpe.GPT2BPETokenizer.from_dir(vocab)
