@@ -66,6 +66,10 @@ def test_streams_are_the_documents_each_followed_by_eos(setup):
         "bytes": sum(len(t.encode()) for t in expected)}
     assert sum(s["tokens"] for s in listed["shards"]) == len(tokens)
   assert len(entry.meta["splits"]["train"]["shards"]) > 4  # the stream crosses shards
+  key = entry.meta["key"]
+  assert key["unicode"] == __import__("unicodedata").unidata_version
+  assert key["tokenizer_library"]["engine"] == {"library": "sentencepiece",
+                                                "version": __import__("sentencepiece").__version__}
   assert entry.meta["splits"]["val"]["documents"] == 15
   train, val = set(corpus.texts(sources.TRAIN)), set(corpus.texts(sources.VAL))
   assert not train & val and len(train | val) == len(set(docs))

@@ -32,6 +32,7 @@ import multiprocessing
 import os
 import shutil
 import time
+import unicodedata
 import uuid
 from typing import Any
 
@@ -96,10 +97,13 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def key(d: ml_collections.ConfigDict, tokenizer: Tokenizer,
         corpus: sources.Corpus) -> dict[str, Any]:
-  """Everything an entry's bytes depend on."""
+  """Everything an entry's bytes depend on: the tokenizer's files and library version, the Unicode
+  tables Python reads the documents with (which characters `str.strip` drops, what a blank line
+  is), the corpus, the shard size and the format."""
   return {"format": FORMAT_VERSION, "tokenizer": tokenizer.fingerprint,
           "tokenizer_library": getattr(tokenizer, "cache_identity", {"kind": tokenizer.kind}),
-          "corpus": corpus.fingerprint, "shard_chars": int(d.shard_chars)}
+          "unicode": unicodedata.unidata_version, "corpus": corpus.fingerprint,
+          "shard_chars": int(d.shard_chars)}
 
 
 def entry_path(d: ml_collections.ConfigDict, k: dict[str, Any]) -> str:
