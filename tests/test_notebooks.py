@@ -5,6 +5,7 @@ import sys
 import time
 
 import nbformat
+import pytest
 from ipykernel.kernelspec import write_kernel_spec
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
@@ -53,6 +54,7 @@ def test_quickstart_trains_plots_and_samples(tmp_path, monkeypatch):
   assert (tmp_path / "runs" / "quickstart-fast" / "samples.txt").read_text().strip()
 
 
+@pytest.mark.slow  # 40 s; the slow CI step runs it
 def test_sharding_notebook_shows_layouts_and_equal_losses(tmp_path, monkeypatch):
   nb = execute("02_sharding.ipynb", tmp_path, monkeypatch)
   text = text_of(nb)
@@ -62,6 +64,7 @@ def test_sharding_notebook_shows_layouts_and_equal_losses(tmp_path, monkeypatch)
   assert "CPU 7" in text  # the pictures name the devices
 
 
+@pytest.mark.slow  # 60 s; the slow CI step runs it
 def test_scaling_notebook_runs_a_size_sweep_and_fits_it(tmp_path, monkeypatch):
   nb = execute("03_scaling_laws.ipynb", tmp_path, monkeypatch)
   workdir = tmp_path / "runs" / "model_size-smoke"
