@@ -153,11 +153,30 @@ def load(path: str, d: ml_collections.ConfigDict | None = None) -> TokenCache:
   `data.verify_shards` is False, which is logged)."""
   manifest = shards.read_manifest(path)
   checksums = True if d is None else bool(d.verify_shards)
-  if not checksums:
-    logging.warning("token cache %s: shard sizes checked, sha256 not (data.verify_shards=False)",
-                    path)
-  shards.verify(path, manifest, checksums=checksums)
+  # A run opens its entry several times (fingerprint, validation, train): hash its shards once
+  # per process, again only if a file's size or time has changed since.
+  stamp = _stamp(path, manifest, checksums)
+  if _VERIFIED.get(path) != stamp:
+    if not checksums:
+      logging.warning("token cache %s: shard sizes checked, sha256 not "
+                      "(data.verify_shards=False)", path)
+    shards.verify(path, manifest, checksums=checksums)
+    if stamp is not None:
+      _VERIFIED[path] = stamp
   return TokenCache(path, manifest)
+
+
+_VERIFIED: dict[str, tuple] = {}  # entry path -> the `_stamp` it was verified at
+
+
+def _stamp(path: str, manifest: dict[str, Any], checksums: bool) -> tuple | None:
+  """Sizes and modification times of an entry's manifest and shards (None if one is missing)."""
+  names = [shards.MANIFEST] + [s["file"] for v in manifest["splits"].values() for s in v["shards"]]
+  try:
+    stats = [os.stat(os.path.join(path, n)) for n in names]
+  except FileNotFoundError:
+    return None
+  return (checksums, *((st.st_size, st.st_mtime_ns) for st in stats))
 
 
 def check_settings(d: ml_collections.ConfigDict) -> None:

@@ -56,6 +56,8 @@ class Stream:
   micro_batch: int
   seed: int
   sequences_before: Callable[[int], int] | None = None
+  _entries: dict[str, cache.TokenCache] | None = dataclasses.field(default=None, init=False,
+                                                                   repr=False)
 
   def sources(self) -> list[tuple[str, float, ml_collections.ConfigDict]]:
     """(name, normalised base weight, data settings) of each source."""
@@ -66,7 +68,9 @@ class Stream:
     return [(s.name, s.weight / total, s.data) for s in mixed]
 
   def entries(self) -> dict[str, cache.TokenCache]:
-    """Each source's token cache (built on first use), by name."""
+    """Each source's token cache (built on first use), by name; opened once per `Stream`."""
+    if self._entries is not None:
+      return self._entries
     out = {}
     for name, _, d in self.sources():
       hf_source.refuse_streaming(d, f"data.mixture.{name}" if name else "data")
@@ -74,6 +78,7 @@ class Stream:
         out[name] = cache.load_or_build(d, self.tokenizer)
       except DataError as e:
         raise mixture.renamed(e, f"data.mixture.{name}" if name else "data") from e
+    self._entries = out
     return out
 
   def train(self, rows: Sequence[int]) -> grain.DatasetIterator:
