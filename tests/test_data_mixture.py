@@ -11,6 +11,7 @@ from configs import tiny
 from gptjax.data import mixture, pipeline, training
 from gptjax.data import tokenizer as tokenizer_lib
 from gptjax.data.errors import DataError
+from helpers import files
 
 L = 16
 WORDS = {"prose": "the of and to in is was for on that with as by it from at this be are".split(),
@@ -20,8 +21,9 @@ WORDS = {"prose": "the of and to in is was for on that with as by it from at thi
 
 def write_source(path, words, n_docs, seed):
   rng = random.Random(seed)
-  path.write_text("".join(json.dumps({"text": " ".join(rng.choices(words, k=rng.randint(5, 40)))})
-                          + "\n" for _ in range(n_docs)), encoding="utf-8")
+  files.write_text(path, "".join(
+      json.dumps({"text": " ".join(rng.choices(words, k=rng.randint(5, 40)))}) + "\n"
+      for _ in range(n_docs)))
 
 
 def mixed_config(tmp, weights=(0.5, 0.3, 0.2), stages=""):

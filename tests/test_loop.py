@@ -10,6 +10,7 @@ import pytest
 import configs
 from gptjax import loop, metrics, optim, run as run_lib
 from gptjax.data import cache, stats, tokenizer as tokenizer_lib, training
+from helpers import files
 
 WORDS = ("the cat sat on a mat and the dog ran to it while a bird sang in the tree above them "
          "def return class import value token model data step loss").split()
@@ -17,9 +18,9 @@ WORDS = ("the cat sat on a mat and the dog ran to it while a bird sang in the tr
 
 def corpus_cfg(tmp_path, steps=12):
   rng = random.Random(0)
-  with open(tmp_path / "docs.jsonl", "w", encoding="utf-8") as f:
-    for _ in range(300):
-      f.write(json.dumps({"text": " ".join(rng.choices(WORDS, k=rng.randint(10, 80)))}) + "\n")
+  files.write_text(tmp_path / "docs.jsonl", "".join(
+      json.dumps({"text": " ".join(rng.choices(WORDS, k=rng.randint(10, 80)))}) + "\n"
+      for _ in range(300)))
   c = configs.load("tiny")
   c.data.update(source="files", paths=str(tmp_path / "docs.jsonl"), val_fraction=0.1,
                 cache_dir=str(tmp_path / "cache"))
