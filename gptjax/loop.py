@@ -26,7 +26,7 @@ from tqdm import tqdm
 from gptjax import accounting, attention, checkpoint, config as config_lib, generate
 from gptjax import metrics as metrics_lib
 from gptjax import evaluate as evaluate_lib, feed, sharding
-from gptjax import distill, run as run_lib, train as train_lib
+from gptjax import distill, run as run_lib, storage, train as train_lib
 from gptjax.errors import ConfigError
 from gptjax.data import tokenizer as tokenizer_lib, training
 from gptjax.train import Trainer
@@ -161,7 +161,18 @@ def objective(cfg: ml_collections.ConfigDict, tokenizer) -> dict[str, Any]:
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str, Any]:
-  """Trains (or resumes) as the config says. Returns a summary of the run."""
+  """Trains (or resumes) as the config says. Returns a summary of the run.
+
+  `workdir` may be a URL (`s3://`, `gs://`): the run then works on a local copy that uploads
+  checkpoints as they commit, and everything else as it changes (gptjax/storage.py)."""
+  if not storage.is_url(workdir):
+    return _run(cfg, workdir, devices)
+  storage.check_single_process(workdir, jax.process_count())
+  with storage.mirrored(workdir, background=True) as local:
+    return _run(cfg, local, devices)
+
+
+def _run(cfg: ml_collections.ConfigDict, workdir: str, devices) -> dict[str, Any]:
   tokenizer, mesh = prepare(cfg, workdir, devices)
   trainer = Trainer.build(cfg, mesh, **objective(cfg, tokenizer))
   suite = evaluate_lib.Suite.from_config(cfg, trainer, tokenizer)  # eval.tasks files checked now

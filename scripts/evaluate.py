@@ -11,7 +11,7 @@ Multi-process as scripts/train.py: --coordinator_address/--num_processes/--proce
 
 from absl import app, flags, logging
 
-from gptjax import cli, distributed, eval_tasks, evaluate, serving
+from gptjax import cli, distributed, eval_tasks, evaluate, serving, storage
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by scripts/train.py.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
@@ -35,7 +35,13 @@ def main(argv):
   if _SHOTS.value < 0 or _SEED.value < 0:
     raise app.UsageError("--shots and --seed must be >= 0")
   tasks = eval_tasks.load_tasks(_TASKS.value, "--tasks", _SHOTS.value)  # every file checked first
-  served = serving.open_run(_WORKDIR.value, _STEP.value)  # float or quantized
+  # A URL workdir (s3://, gs://) is read through a local copy; the results file is uploaded.
+  with storage.mirrored(_WORKDIR.value, delete_steps=False) as workdir:
+    _evaluate(workdir, tasks)
+
+
+def _evaluate(workdir: str, tasks) -> None:
+  served = serving.open_run(workdir, _STEP.value)  # float or quantized
   scorer = evaluate.Scorer(served.model, served.tokenizer, _BATCH.value or served.batch_size,
                            served.mesh, served.rules)
   if _VAL_DOCS.value:
@@ -47,11 +53,13 @@ def main(argv):
   with served.routing():
     results = evaluate.run_tasks(scorer, served.params, tasks, _SHOTS.value, _SEED.value)
   step = served.step
-  path = evaluate.write_results(_WORKDIR.value, step, {
+  path = evaluate.write_results(workdir, step, {
       "workdir": _WORKDIR.value, "step": step, "shots": _SHOTS.value, "seed": _SEED.value,
       "tasks": results})
   print(f"step {step} of {_WORKDIR.value}, {_SHOTS.value}-shot")
   print(evaluate.format_table(results))
+  if workdir != _WORKDIR.value:  # the local copy's file goes to the store when the block ends
+    path = _WORKDIR.value.rstrip("/") + path[len(workdir):]
   print(f"wrote {path}")
 
 

@@ -26,9 +26,10 @@ DRIVER = """
 import sys, jax
 sys.path.insert(0, {tests!r})
 import test_kill_resume
-from gptjax import loop
-if {hang!r} is not None:
-  test_kill_resume.hang_before_step({hang!r}, sys.argv[1] + ".hung")
+from gptjax import loop, storage
+if {hang!r} is not None:  # the marker sits beside the workdir (beside its local copy for a URL)
+  where = storage.local_path(sys.argv[1]) if storage.is_url(sys.argv[1]) else sys.argv[1]
+  test_kill_resume.hang_before_step({hang!r}, where + ".hung")
 cfg = getattr(test_kill_resume, {make!r})({tmp!r}, **{options!r})
 loop.run(cfg, sys.argv[1], devices=jax.devices()[:1])
 """

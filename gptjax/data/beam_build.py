@@ -43,6 +43,7 @@ def build(d: ml_collections.ConfigDict, tokenizer: Tokenizer, beam_args: list[st
   except ImportError as e:
     raise fail("data", "building with Beam needs Apache Beam, which is not installed",
                "pip install 'gptjax[beam]' (or build without --beam).") from e
+  workers.check_shared(d)
   tasks = num_tasks or d.build_workers or 8
   settings = d.to_json()
 

@@ -40,7 +40,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from gptjax.data import hf_source
+from gptjax.data import files, hf_source
 from gptjax.data import shards
 from gptjax.data import sources
 from gptjax.data.errors import DataError, fail
@@ -131,6 +131,8 @@ def load_or_build(d: ml_collections.ConfigDict, tokenizer: Tokenizer,
   corpus = corpus or sources.open_corpus(d)
   k = key(d, tokenizer, corpus)
   final = entry_path(d, k)
+  if not os.path.isfile(os.path.join(final, shards.MANIFEST)):
+    files.pull(d, final, shards.MANIFEST)  # a cache at a URL: another machine may have built it
   if os.path.isfile(os.path.join(final, shards.MANIFEST)):
     return load(final, d)
   if os.path.isdir(final):  # damaged by hand: entries only appear complete (renamed with manifest)
@@ -145,6 +147,7 @@ def load_or_build(d: ml_collections.ConfigDict, tokenizer: Tokenizer,
             {"workers": workers, "seconds": round(time.perf_counter() - start, 3)})
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+  files.push(d, final, shards.MANIFEST)  # a cache at a URL: the manifest goes last
   return load(final, d)
 
 

@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 import sentencepiece as spm
 
+from gptjax import storage
 from gptjax.data import files
 from gptjax.data import gpt2_bpe
 from gptjax.data import sources
@@ -176,15 +177,22 @@ def load_or_train(d: ml_collections.ConfigDict, workdir: str | None = None) -> T
     if not tk.path:
       raise fail("data.tokenizer.path", "is empty but kind='gpt2_bpe' (it cannot be trained)",
                  "Point it at a folder with GPT-2's vocab.json and merges.txt.")
-    tok = gpt2_bpe.GPT2BPETokenizer.from_dir(os.path.expanduser(tk.path))
+    tok = gpt2_bpe.GPT2BPETokenizer.from_dir(_local(tk.path))
   elif tk.path:
-    tok = SentencePieceTokenizer.from_file(os.path.expanduser(tk.path))
+    tok = SentencePieceTokenizer.from_file(_local(tk.path))
   else:
     tok = _train_cached(d)
   if saved:
     os.makedirs(workdir, exist_ok=True)
     tok.save(saved)
   return tok
+
+
+def _local(path: str) -> str:
+  """`data.tokenizer.path` on this machine: a URL's files are downloaded first."""
+  if storage.is_url(path):
+    return storage.fetch(path, "data.tokenizer.path")
+  return os.path.expanduser(path)
 
 
 def _train_cached(d: ml_collections.ConfigDict) -> SentencePieceTokenizer:
@@ -198,6 +206,9 @@ def _train_cached(d: ml_collections.ConfigDict) -> SentencePieceTokenizer:
          "train_chars": tk.train_chars, "trainer": TRAINER_VERSION, "spm": spm.__version__}
   digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
   path = os.path.join(files.root(d), "tokenizers", f"{digest}.model")
+  pair = [f"{digest}.model.json", f"{digest}.model"]  # the model last: it marks the pair complete
+  if not os.path.isfile(path):
+    files.pull(d, os.path.dirname(path), pair[1], only=pair)  # a cache at a URL
   if os.path.isfile(path):
     with open(path, "rb") as f:
       proto = f.read()
@@ -208,6 +219,7 @@ def _train_cached(d: ml_collections.ConfigDict) -> SentencePieceTokenizer:
               train_chars=tk.train_chars)
   files.write_atomic(path + ".json", json.dumps({"origin": tok.origin, "settings": key}).encode())
   tok.save(path)
+  files.push(d, os.path.dirname(path), pair[1], only=pair)
   return tok
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import ml_collections
 
-from gptjax.data import cache
+from gptjax.data import cache, files
 from gptjax.data import shards
 from gptjax.data import sources
 from gptjax.data.errors import DataError, fail
@@ -31,9 +31,20 @@ from gptjax.data.tokenizer import Tokenizer
 SETTINGS = "settings.json"  # the build's key, which every worker must share
 
 
+def check_shared(d: ml_collections.ConfigDict) -> None:
+  """Workers meet in a staging folder, which needs a filesystem they all write: not a URL."""
+  where = files.remote(d, cache.root(d))
+  if where:
+    raise fail(where[0], f"is a URL ({where[1]}), but independent workers and Beam tasks meet in "
+               "a staging folder that every worker writes, which an object store cannot hold",
+               "Build into a shared filesystem or a mounted bucket, or build on one machine "
+               "(without --num_workers or --beam): a URL cache uploads each entry it builds.")
+
+
 def staging_path(d: ml_collections.ConfigDict, corpus: sources.Corpus) -> str:
   """The folder the independent workers of one build share. It is named by the source alone, so
   workers whose settings differ meet there and are stopped (`SETTINGS`)."""
+  check_shared(d)
   where = {"source": d.source, "paths": d.paths, "tfds_name": d.tfds_name}
   digest = hashlib.sha256(json.dumps(where, sort_keys=True).encode()).hexdigest()[:16]
   return os.path.join(cache.root(d), "tokens", f"{corpus.fingerprint['source']}-{digest}.parallel")
