@@ -331,6 +331,17 @@ def mirrored(path: str, setting: str = "--workdir", background: bool = False,
       mirror.close(delete_steps=delete_steps)
 
 
+def readable(path: str, setting: str = "--workdir") -> str:
+  """`path` itself, or for a URL its local copy, pulled now (for reading only: nothing is uploaded
+  back)."""
+  if not is_url(path):
+    return path
+  mirror = Mirror(path, setting)
+  mirror.pull()
+  print(f"gptjax: reading {setting}={mirror.url} from its local copy {mirror.local}", flush=True)
+  return mirror.local
+
+
 def pull_complete(url: str, local: str, marker: str, setting: str,
                   only: list[str] | None = None) -> bool:
   """Downloads the objects under `url` (or just the names `only`) into the folder `local`, if the

@@ -11,7 +11,7 @@ import os
 
 from absl import flags, logging
 
-from gptjax import cli, compress
+from gptjax import cli, compress, storage
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trained run (scripts/train.py's workdir).")
 _OUT = flags.DEFINE_string("out", None, "Where the compressed runs and the table go.")
@@ -38,7 +38,8 @@ def main(argv):
       finetune_lr_scale=_FT_LR.value, student_steps=_STUDENT_STEPS.value, val_docs=_VAL_DOCS.value,
       eval_batch=_EVAL_BATCH.value, decode_batch=_DECODE_BATCH.value,
       decode_tokens=_DECODE_TOKENS.value, num_devices=_NUM_DEVICES.value)
-  rows = compress.study(_WORKDIR.value, _OUT.value, opts)
+  with storage.mirrored(_OUT.value, "--out", delete_steps=False) as out:
+    rows = compress.study(storage.readable(_WORKDIR.value), out, opts)
   print(compress.table(rows))
   print(f"wrote {os.path.join(_OUT.value, 'results.md')} and results.json; runs and serving "
         f"checkpoints in {_OUT.value}")

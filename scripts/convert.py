@@ -17,7 +17,7 @@ import sys
 
 from absl import app, flags, logging
 
-from gptjax import cli, convert
+from gptjax import cli, convert, storage
 from gptjax.errors import ConfigError
 
 COMMANDS = ("to_hf", "from_hf", "params")
@@ -44,15 +44,17 @@ def main(argv):
   missing = [f"--{k}" for k in need[command] if flags.FLAGS[k].value is None]
   if missing:
     raise app.UsageError(f"{command} needs {', '.join(missing)}")
+  workdir = storage.readable(_WORKDIR.value) if _WORKDIR.value else None
   try:
-    if command == "to_hf":
-      convert.to_hf(_WORKDIR.value, _STEP.value, out, _DTYPE.value, _VERIFY.value, _ATOL.value,
-                    _RTOL.value)
-    elif command == "from_hf":
-      convert.from_hf(_HF_DIR.value, out, _SCAN.value, _PAD.value, _DTYPE.value, _VERIFY.value,
-                      _ATOL.value, _RTOL.value)
-    else:
-      convert.params_only(_WORKDIR.value, _STEP.value, out, _DTYPE.value, _VERIFY.value)
+    with storage.mirrored(out, "--out", delete_steps=False) as local_out:
+      if command == "to_hf":
+        convert.to_hf(workdir, _STEP.value, local_out, _DTYPE.value, _VERIFY.value, _ATOL.value,
+                      _RTOL.value)
+      elif command == "from_hf":
+        convert.from_hf(_HF_DIR.value, local_out, _SCAN.value, _PAD.value, _DTYPE.value,
+                        _VERIFY.value, _ATOL.value, _RTOL.value)
+      else:
+        convert.params_only(workdir, _STEP.value, local_out, _DTYPE.value, _VERIFY.value)
   except ConfigError:
     raise  # a wrong flag or input: cli.run prints it alone, with status 2
   except (convert.ConversionError, ValueError) as e:

@@ -9,9 +9,10 @@ Running the same command again resumes from the workdir's latest checkpoint.
 """
 
 from absl import flags, logging
+import jax
 from ml_collections import config_flags
 
-from gptjax import cli, distributed, finetune
+from gptjax import cli, distributed, finetune, storage
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Preset file, e.g. configs/finetune_sft.py:lora.", lock_config=True)
@@ -26,7 +27,10 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:  # keep the terminal for the progress bar and results
     logging.set_verbosity(logging.WARNING)
   distributed.initialize_from_flags()
-  finetune.run(_CONFIG.value, _WORKDIR.value)
+  if storage.is_url(_WORKDIR.value):
+    storage.check_single_process(_WORKDIR.value, jax.process_count())
+  with storage.mirrored(_WORKDIR.value, background=True) as workdir:  # a URL: its local copy
+    finetune.run(_CONFIG.value, workdir)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from absl import flags, logging
 from flax import traverse_util
 import numpy as np
 
-from gptjax import checkpoint, cli, layout, run
+from gptjax import checkpoint, cli, layout, run, storage
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A gptjax run (or its checkpoints/ folder).")
 _STEP = flags.DEFINE_integer("step", None, "The checkpoint to describe (default: latest).")
@@ -92,7 +92,7 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.ERROR)
-  print(describe(_WORKDIR.value, _STEP.value, _OPT.value, _CONFIG.value))
+  print(describe(storage.readable(_WORKDIR.value), _STEP.value, _OPT.value, _CONFIG.value))
 
 
 if __name__ == "__main__":

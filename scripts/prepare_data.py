@@ -19,7 +19,7 @@ import time
 from absl import flags
 from ml_collections import config_flags
 
-from gptjax import cli
+from gptjax import cli, storage
 from gptjax.data import cache, sources, stats, tokenizer, workers
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py.")
@@ -34,9 +34,14 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
+  with storage.mirrored(_WORKDIR.value, delete_steps=False) as workdir:  # a URL: its local copy
+    _prepare(argv, workdir)
+
+
+def _prepare(argv, workdir):
   d = _CONFIG.value.data
   start = time.perf_counter()
-  tok = tokenizer.load_or_train(d, _WORKDIR.value)
+  tok = tokenizer.load_or_train(d, workdir)
   tok_seconds = time.perf_counter() - start
   start = time.perf_counter()
   if _BEAM.value:

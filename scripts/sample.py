@@ -17,7 +17,7 @@ gptjax.serving.
 import jax
 from absl import app, flags, logging
 
-from gptjax import cli, serving
+from gptjax import cli, serving, storage
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run directory written by scripts/train.py.")
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "A local Hugging Face GPT-2 save_pretrained folder.")
@@ -37,7 +37,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   if (_WORKDIR.value is None) == (_HF_DIR.value is None):
     raise app.UsageError("give exactly one of --workdir and --hf_dir")
-  served = (serving.open_run(_WORKDIR.value, devices=jax.devices()[:1]) if _WORKDIR.value
+  served = (serving.open_run(storage.readable(_WORKDIR.value), devices=jax.devices()[:1])
+            if _WORKDIR.value
             else serving.open_hf(_HF_DIR.value))
   served = serving.unrolled(served)
   prompts = _PROMPT.value or [""]

@@ -181,13 +181,17 @@ def test_train_kill_resume_and_evaluate_on_s3(env, tmp_path, monkeypatch):
   k.assert_same_run(k.dropout_cfg(tmp_path), straight, fresh.local)
   assert [r["step"] for r in metrics.read(fresh.local)][-1] == 12
 
-  ev = subprocess.run([sys.executable, "scripts/evaluate.py", f"--workdir={url}", "--val_docs=4"],
-                      capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(
-                          os.path.abspath(__file__))), check=False)
-  assert ev.returncode == 0, ev.stdout + ev.stderr
-  assert f"wrote {url}/eval/step_12.json" in ev.stdout
+  def script(*args):
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, check=False,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+  out = script("scripts/evaluate.py", f"--workdir={url}", "--val_docs=4")
+  assert f"wrote {url}/eval/step_12.json" in out
   results = json.loads(objects("kill")["eval/step_12.json"])
   assert results["step"] == 12 and "val" in results["tasks"]
+  assert "step 12" in script("scripts/inspect_checkpoint.py", f"--workdir={url}")
 
 
 def test_a_cache_at_a_url_is_built_once_and_pulled_by_other_machines(env, tmp_path, monkeypatch):
