@@ -100,6 +100,23 @@ def get_config() -> ml_collections.ConfigDict:
   t.progress = True  # tqdm progress bar on process 0
   t.nonfinite = "stop"  # NaN/inf loss or grad: 'stop' (keep checkpoints, exit) or 'skip' the update
   t.max_skips = 10  # 'skip': abort after this many consecutive non-finite steps
+  # JAX's persistent compilation cache (gptjax/compile_cache.py): 'auto' = <cache root>/jax_compile
+  # (or $JAX_COMPILATION_CACHE_DIR if set), a folder, or 'off'. A rerun loads its executables.
+  t.compile_cache = "auto"
+  t.compile_cache_min_s = 1.0  # only compilations that took at least this long are stored
+  # (start, length): trace optimizer steps start .. start+length-1 (0-based) with jax.profiler
+  # into <workdir>/profile/ (TensorBoard's profile plugin, Perfetto); (0, 0) = off.
+  t.profile_steps = (0, 0)
+  # Experiment trackers (gptjax/trackers.py): any of 'tensorboard', 'wandb', 'mlflow',
+  # comma-separated, besides metrics.jsonl ('' = metrics.jsonl only).
+  t.trackers = "tensorboard"
+  t.run_name = ""  # the tracked run's name ('' = the workdir's name; a sweep: the run's name)
+  t.run_group = ""  # W&B group / MLflow experiment ('' = none; a sweep: the sweep's name)
+  t.wandb_project = ""  # '' = $WANDB_PROJECT, else 'gptjax'
+  t.wandb_entity = ""  # '' = $WANDB_ENTITY or the logged-in user's default
+  t.wandb_mode = ""  # '' = W&B's default ($WANDB_MODE); 'offline' writes <workdir>/wandb/
+  t.mlflow_uri = ""  # '' = $MLFLOW_TRACKING_URI; an http:// server, sqlite:///x.db, file:///path
+  t.mlflow_experiment = ""  # '' = the run group, else 'gptjax'
 
   # ---- downstream evaluation during training (gptjax/eval_tasks.py) -------------------------
   e = c.eval = ml_collections.ConfigDict()

@@ -9,7 +9,7 @@ import ml_collections
 import dataclasses
 
 from gptjax import attention, eval_tasks, heads, model as model_lib, optim, peft, prune
-from gptjax import quantize_spec
+from gptjax import quantize_spec, trackers
 from gptjax.errors import ConfigError
 # Re-exported: the mesh's names and checks live with the meshes.
 from gptjax.sharding import (LOGICAL_AXES, MESH_AXES, mesh_order, mesh_shape,  # noqa: F401
@@ -126,6 +126,24 @@ def validate_compress(cfg: ml_collections.ConfigDict) -> None:
   prune.check(cfg.compress.prune)
 
 
+def validate_runtime(cfg: ml_collections.ConfigDict) -> None:
+  """The trackers, the compilation cache and the profiler window."""
+  t = cfg.train
+  trackers.check(t)
+  _check(t.compile_cache_min_s >= 0, "train.compile_cache_min_s", "must be >= 0",
+         "Use 0 to store every compilation.")
+  p = t.profile_steps
+  ok = (isinstance(p, (tuple, list)) and len(p) == 2 and all(isinstance(v, int) for v in p)
+        and p[0] >= 0 and p[1] >= 0)
+  _check(ok, "train.profile_steps", f"must be (start, length) with integers >= 0, got {p!r}",
+         "E.g. --config.train.profile_steps='(10, 5)' traces steps 10 to 14; (0, 0) = off.")
+  if p[1]:
+    total = optim.plan(cfg).total_steps
+    _check(p[0] + p[1] <= total, "train.profile_steps",
+           f"steps {p[0]} to {p[0] + p[1] - 1} lie beyond the run's {total} steps (0 to "
+           f"{total - 1})", "Trace a window inside the run.")
+
+
 def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None,
              backend: str | None = None) -> None:
   """Checks the whole config; `n_devices` defaults to `jax.device_count()`, `backend` (what the
@@ -158,6 +176,7 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None,
          "GPT-3 decays to 0.1 of the peak.")
   _check(o.clip_norm >= 0 and o.weight_decay >= 0, "optim.clip_norm/weight_decay", "must be >= 0",
          "Use 0 to disable.")
+  validate_runtime(cfg)
   validate_eval(cfg.eval)
   validate_compress(cfg)
   validate_finetune(cfg.finetune)

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from gptjax import checkpoint, config as config_lib, generate, heads, loss as loss_lib
+from gptjax import checkpoint, compile_cache, config as config_lib, generate, heads
+from gptjax import loss as loss_lib
 from gptjax import hf, layout, loop, optim, peft, run as run_lib, sharding
 from gptjax.errors import ConfigError
 from gptjax.data import sft, tokenizer as tokenizer_lib
@@ -415,6 +416,8 @@ def _prepare(cfg: ml_collections.ConfigDict, workdir: str, devices):
     t.update(steps=max(1, math.ceil(f.epochs * len(train.rows) / t.global_batch)), tokens=0)
   if f.warmup_fraction:
     cfg.optim.warmup_steps = warmup_steps(f.warmup_fraction, t.steps)
+  config_lib.validate_runtime(cfg)  # train.profile_steps against the run's length, now known
+  compile_cache.setup(cfg)  # before anything compiles
   return load_base, tokenizer, fmt, train, val
 
 

@@ -23,10 +23,12 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from gptjax import accounting, attention, checkpoint, config as config_lib, generate
+from gptjax import accounting, attention, checkpoint, compile_cache, config as config_lib
+from gptjax import generate
 from gptjax import metrics as metrics_lib
 from gptjax import evaluate as evaluate_lib, feed, sharding
-from gptjax import distill, run as run_lib, storage, train as train_lib
+from gptjax import distill, run as run_lib, storage, trackers as trackers_lib
+from gptjax import train as train_lib
 from gptjax.errors import ConfigError
 from gptjax.data import tokenizer as tokenizer_lib, training
 from gptjax.train import Trainer
@@ -46,6 +48,7 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: str, devices=None):
   devices = jax.devices() if devices is None else devices
   config_lib.validate(cfg, n_devices=len(devices))
   run_lib.check(cfg, workdir)
+  compile_cache.setup(cfg)  # before anything compiles
   if cfg.checkpoint.restore_from and not os.path.isdir(cfg.checkpoint.restore_from):
     raise ConfigError(f"config.checkpoint.restore_from: {cfg.checkpoint.restore_from!r} does not "
                       "exist. Point it at a gptjax run's workdir.")
@@ -294,19 +297,24 @@ def train(trainer: Trainer, state, next_batch: Callable[[int], list[dict[str, np
     The last metrics row's values, plus `state`, `steps`, `tokens`, `preempted`, `compile_s`.
   """
   plan, t, ck = trainer.run, cfg.train, cfg.checkpoint
-  writer = metrics_lib.MetricsWriter(workdir)
+  resolved = json.loads(cfg.to_json_best_effort())
+  writer = metrics_lib.MetricsWriter(
+      workdir, trackers=lambda: trackers_lib.open_all(t, workdir, resolved))
   pending, summary = [], {"preempted": False}
   start = int(state.step)
   tokens_seen = plan.tokens_before(start)
   last_time, last_tokens, compile_s, skips = time.perf_counter(), tokens_seen, None, 0
   bar = tqdm(range(start, plan.total_steps), initial=start, total=plan.total_steps, unit="step",
              disable=not (t.progress and jax.process_index() == 0), dynamic_ncols=True)
+  profiler = _Profiler(t.profile_steps, os.path.join(workdir, "profile"))
   try:
     with _StopSignal() as stop:
       for step in bar:
         micro = next_batch(step)
         host = {k: np.stack([m[k] for m in micro]) for k in micro[0]}
+        profiler.before(step)
         state, step_metrics = trainer.step(state, rows.to_global(host, leading=1))
+        profiler.after(step, state)
         pending.append(step_metrics)
         tokens_seen += len(micro) * plan.micro_batch * plan.seq_len
         if compile_s is None:  # the first step compiles; time it apart from throughput
@@ -345,6 +353,7 @@ def train(trainer: Trainer, state, next_batch: Callable[[int], list[dict[str, np
           break
   finally:  # whatever happens, finish the checkpoint writes already started
     bar.close()
+    profiler.close()
     ckpt.close()
     writer.close()
   summary.update(state=state, steps=int(state.step), tokens=tokens_seen)
@@ -361,7 +370,37 @@ def _step_row(fetched: list[dict[str, Any]], step_tokens: int, tok_s: float, tok
          "mfu": accounting.mfu(tok_s, flops_token, peak) if peak and flops_token else None}
   if "z_loss" in last:  # logged apart: `loss` is the cross-entropy alone
     row["z_loss"] = float(last["z_loss"])
+  stats = jax.local_devices()[0].memory_stats()  # None where the backend keeps none (CPU)
+  if stats and "bytes_in_use" in stats:
+    row["mem_gb"] = stats["bytes_in_use"] / 1e9
+    row["peak_mem_gb"] = stats.get("peak_bytes_in_use", stats["bytes_in_use"]) / 1e9
   return row
+
+
+class _Profiler:
+  """Traces optimizer steps `start .. start+length-1` (`train.profile_steps`) with jax.profiler into
+  `folder`: TensorBoard's profile plugin and Perfetto read it."""
+
+  def __init__(self, window: tuple[int, int], folder: str):
+    self.start, self.length = (int(v) for v in window)
+    self.folder, self.on = folder, False
+
+  def before(self, step: int) -> None:
+    if self.length and not self.on and self.start <= step < self.start + self.length:
+      jax.profiler.start_trace(self.folder)
+      self.on, self.first = True, step
+
+  def after(self, step: int, state) -> None:
+    if self.on and step == self.start + self.length - 1:
+      jax.block_until_ready(state)  # the trace holds the steps' device work, not just dispatch
+      self.close()
+      _log(f"profiled steps {self.first}-{step} into {self.folder} (TensorBoard: profile tab; "
+           "or open the .trace.json.gz in ui.perfetto.dev)")
+
+  def close(self) -> None:
+    if self.on:
+      jax.profiler.stop_trace()
+      self.on = False
 
 
 def refuse_silent_restart(ckpt: checkpoint.Checkpointer, ck: ml_collections.ConfigDict,

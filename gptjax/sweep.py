@@ -335,10 +335,14 @@ def expand(spec: str, n_devices: int | None = None) -> Sweep:
                      f"(dotted key -> value), got {type(overrides_list).__name__}.")
   n_devices = jax.device_count() if n_devices is None else n_devices
   runs, seen = [], {}
+  sweep_name = os.path.splitext(os.path.basename(path))[0]
   for i, overrides in enumerate(overrides_list):
     name = run_name(overrides)
     where = f"{path}, run {i} ({name})"
     cfg = apply(base, overrides, where)
+    # trackers: the sweep's runs in one group named after it, each named after its overrides
+    cfg.train.run_name, cfg.train.run_group = (cfg.train.run_name or name,
+                                               cfg.train.run_group or sweep_name)
     try:
       config_lib.validate(cfg, n_devices=n_devices)
       optim.schedule(cfg, optim.plan(cfg))
@@ -351,4 +355,4 @@ def expand(spec: str, n_devices: int | None = None) -> Sweep:
     meta = {k.removeprefix(META): _plain(v) for k, v in overrides.items() if k.startswith(META)}
     config_keys = {k: _plain(v) for k, v in overrides.items() if not k.startswith(META)}
     runs.append(Run(name, config_keys, meta, cfg))
-  return Sweep(os.path.splitext(os.path.basename(path))[0], path, arg, runs)
+  return Sweep(sweep_name, path, arg, runs)

@@ -114,6 +114,8 @@ def command(sweep: Sweep, run: Run, workdir: str, python: str = "python",
   argv = [python, script, f"--config={sweep.spec}", f"--workdir={os.path.join(workdir, run.name)}"]
   for key, value in run.overrides.items():
     argv.append(f"--config.{key}={repr(value) if isinstance(value, float) else value}")
+  t = run.config.train  # the tracked run's name and group (`sweep.expand`)
+  argv += [f"--config.train.run_name={t.run_name}", f"--config.train.run_group={t.run_group}"]
   return argv
 
 

@@ -14,8 +14,9 @@ import os
 
 import numpy as np
 from absl import app, flags, logging
+import ml_collections
 
-from gptjax import cli, scaling
+from gptjax import cli, run as run_lib, scaling, sweep, trackers
 
 _SWEEP_DIRS = flags.DEFINE_multi_string("sweep_dir", [], "A sweep's folder (repeat: pool sweeps).")
 _CSV = flags.DEFINE_string("csv", None, "A results table written before, instead of --sweep_dir.")
@@ -75,6 +76,25 @@ def main(argv):
                      power_law=power_law, run_curves=run_curves, n_key=_N_KEY.value,
                      loss_key=_LOSS_KEY.value)
   print(f"wrote {os.path.join(out, 'fit.json')} and {png}")
+  if _SWEEP_DIRS.value:
+    _attach(_SWEEP_DIRS.value[0], out, [os.path.join(out, n) for n in ("fit.json", "results.csv")]
+            + [png], result)
+
+
+def _attach(sweep_dir: str, out: str, paths: list[str], result: dict) -> None:
+  """With W&B or MLflow among the sweep's trackers, attaches the fit's files to a run '<sweep>-fit'
+  in the sweep's group."""
+  with open(os.path.join(sweep_dir, sweep.SWEEP_JSON), encoding="utf-8") as f:
+    manifest = json.load(f)
+  saved = run_lib.saved_config(os.path.join(sweep_dir, manifest["runs"][0]["name"]))
+  t = ml_collections.ConfigDict(saved["train"]) if saved else None
+  if t is None or not [n for n in trackers.names(t.trackers) if n != "tensorboard"]:
+    return
+  summary = {k: v for k, v in result.items() if isinstance(v, (int, float, str))}
+  took = trackers.attach(t, out, paths, f"{manifest['sweep']}-fit", summary)
+  if took:
+    print(f"attached {', '.join(os.path.basename(p) for p in paths)} to {', '.join(took)} "
+          f"(run {manifest['sweep']}-fit, group {t.run_group})")
 
 
 if __name__ == "__main__":
