@@ -435,6 +435,7 @@ def _restore(ckpt: checkpoint.Checkpointer, ft: FineTune, load_base, workdir: st
   if restored is None:
     return None, None
   state, meta = restored
+  state = state.replace(opt_state=optim.set_hyperparams(state.opt_state, ft.trainer.cfg, _log))
   if load_base is not None:
     return ft.load_base(state, load_base(ft.base_abstract()), trainable=False), meta["step"]
   return state.replace(frozen=ft.trainer.init_state().frozen), meta["step"]

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from gptjax import accounting, attention, checkpoint, compile_cache, config as config_lib
 from gptjax import generate
 from gptjax import metrics as metrics_lib
-from gptjax import evaluate as evaluate_lib, feed, sharding
+from gptjax import evaluate as evaluate_lib, feed, optim, sharding
 from gptjax import distill, run as run_lib, storage, trackers as trackers_lib
 from gptjax import train as train_lib
 from gptjax.errors import ConfigError
@@ -248,6 +248,7 @@ def _restore_or_start(trainer: Trainer, ckpt: checkpoint.Checkpointer,
       _log(f"starting from the weights of {ck.restore_from} (fresh optimizer state)")
     return state
   state, meta = restored
+  state = state.replace(opt_state=optim.set_hyperparams(state.opt_state, cfg, _log))
   if meta.get("data_fingerprint", fingerprint) != fingerprint:
     raise ConfigError(
         f"the checkpoint at step {meta['step']} in {workdir} was trained on another token stream:"

@@ -13,7 +13,7 @@ should use.
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -135,6 +135,16 @@ def plan(cfg: ml_collections.ConfigDict) -> RunPlan:
 
 def schedule(cfg: ml_collections.ConfigDict, run: RunPlan) -> optax.Schedule:
   """The learning rate as a function of the optimizer step."""
+  return _schedule(cfg, run, cfg.optim.peak_lr)
+
+
+def shape(cfg: ml_collections.ConfigDict, run: RunPlan) -> optax.Schedule:
+  """The schedule's shape: the learning rate of a peak of 1 (`make` multiplies in the peak as a
+  traced hyperparameter)."""
+  return _schedule(cfg, run, 1.0)
+
+
+def _schedule(cfg: ml_collections.ConfigDict, run: RunPlan, peak: float) -> optax.Schedule:
   o = cfg.optim
   warmup = run.steps_for_tokens(o.warmup_tokens) if o.warmup_tokens else o.warmup_steps
   decay_end = (run.steps_for_tokens(o.decay_tokens) if o.decay_tokens
@@ -147,7 +157,7 @@ def schedule(cfg: ml_collections.ConfigDict, run: RunPlan) -> optax.Schedule:
     raise ConfigError(
         f"config.optim.decay_steps: the decay ends at step {decay_end}, before warmup ends "
         f"({warmup}). Set decay_steps/decay_tokens beyond the warmup (0 = end of run).")
-  peak, floor = o.peak_lr, o.peak_lr * o.final_lr_fraction
+  floor = peak * o.final_lr_fraction
   warm = optax.linear_schedule(0.0, peak, warmup) if warmup else optax.constant_schedule(peak)
   span = decay_end - warmup
   if o.schedule == "cosine":
@@ -166,6 +176,21 @@ def schedule(cfg: ml_collections.ConfigDict, run: RunPlan) -> optax.Schedule:
   return optax.join_schedules([warm, main], [warmup])
 
 
+def set_hyperparams(opt_state: Any, cfg: ml_collections.ConfigDict,
+                    log: Callable[[str], None] | None = None) -> Any:
+  """`opt_state` with `HYPERPARAMS` set from `cfg.optim`: a restored run trains with the config's
+  values, not the checkpoint's; `log` hears one line per value that changes."""
+  new = {}
+  for name in HYPERPARAMS:
+    old = optax.tree_utils.tree_get(opt_state, name)
+    value = float(getattr(cfg.optim, name))
+    if log is not None and not math.isclose(float(old), value, rel_tol=1e-6):
+      log(f"optim.{name}: the checkpoint trained with {float(old):g}; from here on {value:g}, "
+          "as the config says")
+    new[name] = jax.device_put(jax.numpy.asarray(value, old.dtype), old.sharding)
+  return optax.tree_utils.tree_set(opt_state, **new)
+
+
 def decay_mask(params: Any, decay_embeddings: bool) -> Any:
   """True for the leaves AdamW decays: matmul kernels (and embeddings if asked), never biases/LN."""
 
@@ -178,14 +203,33 @@ def decay_mask(params: Any, decay_embeddings: bool) -> Any:
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make(cfg: ml_collections.ConfigDict, run: RunPlan) -> tuple[optax.GradientTransformation,
-                                                                optax.Schedule]:
-  """Returns (AdamW with clipping and decay mask, its learning-rate schedule)."""
+# The optimizer settings a sweep varies most, kept as traced values in the optimizer state
+# (optax.inject_hyperparams): runs that differ only in them lower to the same program, so a
+# learning-rate sweep compiles its step once (and loads it from the compilation cache after).
+HYPERPARAMS = ("peak_lr", "weight_decay", "b1", "b2")
+
+
+def _adamw(peak_lr, weight_decay, b1, b2, *, eps, shape_fn, mask):
+  return optax.adamw(lambda step: peak_lr * shape_fn(step), b1=b1, b2=b2, eps=eps,
+                     weight_decay=weight_decay, mask=mask)
+
+
+def make(cfg: ml_collections.ConfigDict, run: RunPlan) -> tuple[
+    optax.GradientTransformation, Callable[[jax.Array, Any], jax.Array]]:
+  """Returns (AdamW with clipping and decay mask, `lr(step, opt_state)`: the learning rate).
+
+  `HYPERPARAMS` are traced values in the optimizer state, set from the config (a checkpoint never
+  overrides them: `gptjax.optstate`); the schedule's shape (warmup, decay, floor) stays static.
+  """
   o = cfg.optim
-  lr = schedule(cfg, run)
-  adamw = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                      mask=lambda p: decay_mask(p, o.decay_embeddings))
+  shape_fn = shape(cfg, run)
+  adamw = optax.inject_hyperparams(_adamw, static_args=("eps", "shape_fn", "mask"))(
+      peak_lr=o.peak_lr, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
+      shape_fn=shape_fn, mask=lambda p: decay_mask(p, o.decay_embeddings))
   tx = optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw) if o.clip_norm else adamw
+
+  def lr(step, opt_state):
+    return optax.tree_utils.tree_get(opt_state, "peak_lr") * shape_fn(step)
   if cfg.train.nonfinite == "skip":  # drop updates whose gradients hold NaN/inf
     tx = optax.apply_if_finite(tx, max_consecutive_errors=cfg.train.max_skips)
   if cfg.compress.prune.method != "none":  # last: pruned weights land on, and stay at, zero

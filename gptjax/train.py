@@ -14,7 +14,7 @@ in `Trainer.build`, not inside them.
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import flax.struct
@@ -95,8 +95,9 @@ def _loss_sum(params, micro: Batch, rng, model: GPT, sc: StepConfig, mesh: Mesh 
 
 
 def train_step(state: TrainState, batch: Batch, *, model: GPT, tx: optax.GradientTransformation,
-               lr: optax.Schedule, sc: StepConfig, mesh: Mesh | None = None, batch_axes=None,
-               loss_fn: LossFn = lm_loss_sum) -> tuple[TrainState, dict[str, jax.Array]]:
+               lr: Callable[[jax.Array, Any], jax.Array], sc: StepConfig,
+               mesh: Mesh | None = None, batch_axes=None, loss_fn: LossFn = lm_loss_sum
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on `batch` = [accum, B, L] arrays: accumulate, then update once.
 
   Gradients of the token-loss sums are accumulated over the micro-batches and divided once by the
@@ -140,7 +141,8 @@ def train_step(state: TrainState, batch: Batch, *, model: GPT, tx: optax.Gradien
   params = optax.apply_updates(state.params, updates)
   reported = total - sum(parts.values(), jnp.zeros((), jnp.float32))
   metrics = {"loss": reported / count, "grad_norm": optax.global_norm(grads),
-             "lr": lr(state.step), "tokens": count, **{k: v / count for k, v in parts.items()}}
+             "lr": lr(state.step, state.opt_state), "tokens": count,
+             **{k: v / count for k, v in parts.items()}}
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                     frozen=state.frozen), metrics
 
@@ -162,7 +164,7 @@ class Trainer:
   rules: tuple
   model: GPT
   tx: optax.GradientTransformation
-  lr: optax.Schedule
+  lr: Callable[[jax.Array, Any], jax.Array]  # (step, opt_state) -> learning rate
   run: optim.RunPlan
   state_shardings: Any
   abstract_state: Any = None  # ShapeDtypeStructs with shardings: the target of a restore

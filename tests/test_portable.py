@@ -90,7 +90,10 @@ def assert_same_layers(stacked, unrolled, n_layers=2):
 
 
 def adam(opt_state):
-  return opt_state[1][0]  # (clip, (adam, decay mask, schedule))
+  """Adam's state in (clip, inject_hyperparams((adam, decay mask, schedule))), as a state or as
+  the dict tree Orbax stores."""
+  inject = opt_state[1]
+  return (inject["inner_state"] if isinstance(inject, dict) else inject.inner_state)[0]
 
 
 def test_scan_and_unrolled_checkpoints_restore_into_each_other(trained, tmp_path):
@@ -106,7 +109,7 @@ def test_scan_and_unrolled_checkpoints_restore_into_each_other(trained, tmp_path
   stored_params, stored_opt = reader.read_all(STEPS), reader.read_all(STEPS, "opt_state")
   assert_same_layers(stored_params, host(state_u.params))
   for moment in ("mu", "nu"):
-    assert_same_layers(stored_opt[1][0][moment], host(getattr(adam(state_u.opt_state), moment)))
+    assert_same_layers(adam(stored_opt)[moment], host(getattr(adam(state_u.opt_state), moment)))
   assert int(adam(state_u.opt_state).count) == STEPS
 
   # Scan -> unrolled, fp32: the same next-step loss and the same update (which reads the restored
@@ -357,5 +360,8 @@ def test_inspect_checkpoint_lists_steps_tree_config_and_data_position(trained):
                f"data position: step {SAVED}, {SAVED * 8 * 64:,} tokens seen (= {SAVED * 8:,} "
                "sequences of 64 tokens)", '{"next_index": 3}',
                "layout scanned", "layers/block_0/attn/qkv/kernel", "(2, 64, 3, 2, 32)", "float32",
-               "opt_state: 34 arrays", '"d_model": 64', '"fsdp": 8'):
+               # Adam's mu and nu for 16 parameters, three step counts (Adam, schedule, hyperparams)
+               # and the traced hyperparameters
+               f"opt_state: {2 * 16 + 3 + len(optim.HYPERPARAMS)} arrays", '"d_model": 64',
+               '"fsdp": 8'):
     assert want in out, (want, out)

@@ -60,7 +60,8 @@ def test_every_layout_gives_the_same_losses_and_shards_as_the_rules_say():
     expect = (wte.shape[0] // t, wte.shape[1] // f)
     assert wte.addressable_shards[0].data.shape == expect, name
     # Adam moments are sharded like their parameters (ZeRO-3 under FSDP).
-    mu = state.opt_state[1][0].mu["layers"]["block_0"]["mlp"]["fc"]["kernel"]
+    mu = optax.tree_utils.tree_get(state.opt_state, "mu")["layers"]["block_0"]["mlp"]["fc"][
+        "kernel"]
     assert mu.sharding.spec == fc.sharding.spec, name
 
 
@@ -270,3 +271,37 @@ def test_packed_documents_give_the_losses_they_give_alone(tensor):
   np.testing.assert_allclose(total, alone.sum(), rtol=1e-5)
   no_reset = {k: v for k, v in batch.items() if k != "positions"}
   assert abs(float(trainer.eval(params, no_reset)["loss_sum"]) - total) > 1e-3
+
+
+def test_runs_differing_in_lr_decay_and_betas_lower_to_one_program():
+  """The learning rate, weight decay and Adam betas are traced values in the optimizer state, so a
+  sweep over them compiles one train step; each run still trains with its own values."""
+  texts, lrs = [], []
+  for peak, wd, b1, b2 in ((1e-3, 0.1, 0.9, 0.95), (3e-3, 0.0, 0.8, 0.99)):
+    c = small_cfg()
+    c.optim.update(peak_lr=peak, weight_decay=wd, b1=b1, b2=b2, schedule="constant")
+    trainer = train.Trainer.build(c, sharding.make_mesh(c.mesh, jax.devices()[:1]))
+    batch = batches(1)[0]
+    texts.append(trainer.lower_step(jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)).as_text())
+    state = trainer.init_state()
+    for name, want in (("peak_lr", peak), ("weight_decay", wd), ("b1", b1), ("b2", b2)):
+      assert float(optax.tree_utils.tree_get(state.opt_state, name)) == np.float32(want)
+    _, m = trainer.step(state, jax.device_put(batch, trainer.batch_sharding()))
+    lrs.append(float(m["lr"]))
+  assert texts[0] == texts[1]
+  np.testing.assert_allclose(lrs, [0.0, 0.0])  # step 0 of a 2-step warmup: 0 x the peak
+
+
+def test_a_restored_state_takes_the_configs_hyperparameters_and_says_so():
+  c = small_cfg()
+  trainer = train.Trainer.build(c, sharding.make_mesh(c.mesh, jax.devices()[:1]))
+  state = trainer.init_state()
+  c.optim.update(peak_lr=1e-3, b2=0.99)
+  lines = []
+  opt_state = optim.set_hyperparams(state.opt_state, c, lines.append)
+  assert float(optax.tree_utils.tree_get(opt_state, "peak_lr")) == np.float32(1e-3)
+  assert float(optax.tree_utils.tree_get(opt_state, "b2")) == np.float32(0.99)
+  assert lines == ["optim.peak_lr: the checkpoint trained with 0.003; from here on 0.001, as the "
+                   "config says", "optim.b2: the checkpoint trained with 0.95; from here on 0.99, "
+                   "as the config says"]
