@@ -312,12 +312,14 @@ def run_name(overrides: Mapping[str, Any]) -> str:
   return name
 
 
-def expand(spec: str, n_devices: int | None = None) -> Sweep:
+def expand(spec: str, n_devices: int | None = None, backend: str | None = None) -> Sweep:
   """Loads a sweep file and turns it into runs, every one checked before any of them starts.
 
   Args:
     spec: the sweep file, 'configs/sweeps/x.py[:arg]' or 'x[:arg]'.
     n_devices: devices to validate the mesh against (default: this machine's).
+    backend: the backend the attention kernels are checked for ('cpu', 'gpu', 'tpu'; default:
+      this process's, which starts JAX's backend: `sweep_parallel` passes it instead).
 
   Returns:
     The sweep, its runs in order.
@@ -344,7 +346,7 @@ def expand(spec: str, n_devices: int | None = None) -> Sweep:
     cfg.train.run_name, cfg.train.run_group = (cfg.train.run_name or name,
                                                cfg.train.run_group or sweep_name)
     try:
-      config_lib.validate(cfg, n_devices=n_devices)
+      config_lib.validate(cfg, n_devices=n_devices, backend=backend)
       optim.schedule(cfg, optim.plan(cfg))
     except config_lib.ConfigError as e:
       raise config_lib.ConfigError(f"{where}: {e}") from e

@@ -150,6 +150,17 @@ def slurm_script(sweep: Sweep, workdir: str, python: str = "python", sbatch: Seq
   return "\n".join(lines)
 
 
+def check_resumable(sweep: Sweep, workdir: str) -> None:
+  """Refuses a run folder left by another version of the sweep: it is neither resumed nor
+  skipped."""
+  for run in sweep.runs:
+    changes = changed_settings(run, workdir)
+    if changes:
+      raise SweepError(f"{os.path.join(workdir, run.name)} holds a run of other settings ("
+                       f"{'; '.join(changes[:5])}), so it cannot be resumed or skipped. Use a new "
+                       "--workdir for the changed sweep, or delete that run's folder.")
+
+
 def run_local(sweep: Sweep, workdir: str, in_process: bool = True, devices=None,
               log=print) -> dict[str, str]:
   """Runs the sweep here, one run after another; finished runs are skipped, unfinished resumed.
@@ -167,12 +178,7 @@ def run_local(sweep: Sweep, workdir: str, in_process: bool = True, devices=None,
   """
   from gptjax import loop  # pylint: disable=import-outside-toplevel  (the data stack: only here)
 
-  for run in sweep.runs:  # a run folder left by another version of the sweep is not resumed
-    changes = changed_settings(run, workdir)
-    if changes:
-      raise SweepError(f"{os.path.join(workdir, run.name)} holds a run of other settings ("
-                       f"{'; '.join(changes[:5])}), so it cannot be resumed or skipped. Use a new "
-                       "--workdir for the changed sweep, or delete that run's folder.")
+  check_resumable(sweep, workdir)
   write_manifest(sweep, workdir)
   outcome, repo = {}, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   for i, run in enumerate(sweep.runs):

@@ -15,7 +15,7 @@ import os
 
 from absl import flags, logging
 
-from gptjax import cli, sweep as sweep_lib, sweep_run
+from gptjax import cli, sweep as sweep_lib, sweep_parallel, sweep_run
 
 _CONFIG = flags.DEFINE_string("config", None, "Sweep file, e.g. configs/sweeps/model_size.py:cpu.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The sweep's folder (one run folder inside per "
@@ -34,6 +34,9 @@ _PYTHON = flags.DEFINE_string("python", "python", "Interpreter in emitted comman
 _SBATCH = flags.DEFINE_multi_string("sbatch", [], "Extra #SBATCH option, e.g. "
                                     "--sbatch=--time=4:00:00 (repeat the flag for more).")
 _MAX_PARALLEL = flags.DEFINE_integer("max_parallel", 0, "SLURM: at most this many tasks at once.")
+_PARALLEL = flags.DEFINE_integer("parallel", 0, "Run this many runs at once here, each on its "
+                                 "own equal share of the devices (e.g. 8 GPUs, --parallel=8: one "
+                                 "GPU each); each as scripts/train.py, its log in <workdir>/logs/.")
 flags.mark_flag_as_required("config")
 
 
@@ -41,7 +44,12 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  sweep = sweep_lib.expand(_CONFIG.value, n_devices=_N_DEVICES.value)
+  run_slots = sweep_parallel.slots(_PARALLEL.value) if _PARALLEL.value else None
+  if run_slots:  # this process must not start the GPU backend: the runs need the memory
+    sweep = sweep_lib.expand(_CONFIG.value, n_devices=run_slots[0].n_devices,
+                             backend=sweep_parallel.host_platform())
+  else:
+    sweep = sweep_lib.expand(_CONFIG.value, n_devices=_N_DEVICES.value)
   workdir = _WORKDIR.value or os.path.join(
       "runs", "sweeps", sweep.name + (f"-{sweep.arg}" if sweep.arg else ""))
   if _EMIT.value:
@@ -66,8 +74,11 @@ def main(argv):
   print(sweep_run.table(sweep.runs, workdir, _FLOPS.value))
   if _DRY_RUN.value:
     return
-  outcome = sweep_run.run_local(sweep, workdir, in_process=not _SUBPROCESS.value)
-  done = sum(v != "stopped" for v in outcome.values())
+  if run_slots:
+    outcome = sweep_parallel.run_parallel(sweep, workdir, run_slots)
+  else:
+    outcome = sweep_run.run_local(sweep, workdir, in_process=not _SUBPROCESS.value)
+  done = sum(v in ("trained", "skipped") for v in outcome.values())
   print(f"{done} of {len(sweep.runs)} runs finished in {workdir}; fit them with "
         f"python scripts/fit_scaling.py --sweep_dir={workdir}")
 
