@@ -6,9 +6,9 @@ truth:
   upload completed; files the store does not hold are removed locally.
 - While a run goes, `Mirror.start` uploads in the background: each checkpoint once Orbax has
   committed it locally (Orbax renames a finished step's folder into place), and the run's other
-  files (config.json, metrics.jsonl, the tokenizer, samples, eval results) as they change.
-- `Mirror.close` uploads the rest and deletes from the store the checkpoints the keep policy
-  deleted locally.
+  files (config.json, metrics.jsonl, the tokenizer, samples, eval results) as they change; the
+  checkpoints the keep policy deleted locally are deleted from the store.
+- `Mirror.close` uploads the rest.
 
 Why a local copy: Orbax (0.12) writes arrays through TensorStore's `file` and `gcs` drivers only
 (an `s3://` path is refused as "not absolute"), and appending to metrics.jsonl or renaming a folder
@@ -216,7 +216,8 @@ class Mirror:
       if files:
         for rel in sorted(local):
           if _step_of(rel) is None and self._sent.get(rel) != local[rel]:
-            self._put(rel, local[rel])
+            with contextlib.suppress(FileNotFoundError):  # gone since the listing: next time
+              self._put(rel, local[rel])
         self._files_sent_at = time.monotonic()
       if delete_steps:
         for step in sorted(self._steps - committed):
@@ -275,7 +276,7 @@ class Mirror:
 
   # -- background uploads ----------------------------------------------------------------------
 
-  def start(self, every: float = 1.0) -> None:
+  def start(self, every: float = 1.0, delete_steps: bool = True) -> None:
     """Uploads in a background thread: checkpoints within `every` seconds of their commit, other
     files at most every `files_every` seconds (and along with each checkpoint)."""
     def loop():
@@ -283,7 +284,7 @@ class Mirror:
         try:
           new_step = bool(self._committed_steps() - self._steps)
           due = time.monotonic() - self._files_sent_at >= self.files_every
-          self.push(delete_steps=False, files=new_step or due)
+          self.push(delete_steps=delete_steps, files=new_step or due)
           self.error = None
         except Exception as e:  # pylint: disable=broad-except  (retried; close() raises it)
           if self.error is None:
@@ -323,7 +324,7 @@ def mirrored(path: str, setting: str = "--workdir", background: bool = False,
   print(f"gptjax: {setting}={mirror.url} is worked on through its local copy {mirror.local}"
         + ("; files upload as they are written" if upload else ""), flush=True)
   if background and upload:
-    mirror.start()
+    mirror.start(delete_steps=delete_steps)
   try:
     yield mirror.local
   finally:
