@@ -191,6 +191,8 @@ def _opt_paths(opt_state):
   """'/'-joined dict-key paths of the optimizer state's parameter-shaped leaves (Adam moments)."""
   out = set()
   for path, _ in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
+    if any(getattr(k, "name", None) == "hyperparams" for k in path):
+      continue  # the traced learning rate, decay and betas (optim.HYPERPARAMS): scalars
     keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
     if keys:
       out.add("/".join(keys))

@@ -77,6 +77,7 @@ def test_the_compile_cache_defaults_under_the_cache_root_and_can_be_turned_off(t
   assert not os.path.exists(tmp_path / "env")
 
 
+@pytest.mark.slow
 def test_profile_steps_writes_a_trace_of_those_steps(tmp_path, restore_jax_cache, capsys):
   loop.run(small_run(tmp_path, profile_steps=(1, 2)), str(tmp_path / "run"),
            devices=jax.devices()[:1])

@@ -8,6 +8,7 @@ from gptjax.errors import ConfigError
 from test_sweep import tiny_sweep
 
 
+@pytest.mark.slow
 def test_two_runs_train_at_once_each_on_its_own_device(tmp_path, monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
   slots = sweep_parallel.slots(2, "cpu")

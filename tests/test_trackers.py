@@ -62,6 +62,7 @@ def test_wandb_and_mlflow_hold_the_config_and_every_row_of_metrics_jsonl(tmp_pat
   assert glob.glob(os.path.join(workdir, "tb", "events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_a_resumed_run_continues_the_same_mlflow_run(tmp_path, quiet_wandb):
   workdir = str(tmp_path / "run")
   loop.run(tracked_cfg(tmp_path, trackers="mlflow"), workdir, devices=jax.devices()[:1])
@@ -74,6 +75,7 @@ def test_a_resumed_run_continues_the_same_mlflow_run(tmp_path, quiet_wandb):
   assert sorted(steps) == [2, 3, 4, 6, 8]
 
 
+@pytest.mark.slow
 def test_a_failing_tracker_warns_once_and_training_finishes(tmp_path, quiet_wandb, capsys):
   blocker = tmp_path / "not_a_folder"
   blocker.write_text("a file where the MLflow store should be")
@@ -109,6 +111,7 @@ def test_a_sweep_groups_its_runs_and_names_each_after_its_overrides(tmp_path):
   assert "--config.train.run_name=peak_lr=3e-3" in argv and "--config.train.run_group=lrs" in argv
 
 
+@pytest.mark.slow
 def test_fit_scaling_attaches_its_files_to_the_sweeps_group(tmp_path):
   from test_scaling import REPO, fake_sweep  # pylint: disable=import-outside-toplevel
 
