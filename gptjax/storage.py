@@ -282,9 +282,12 @@ class Mirror:
     def loop():
       while not self._stop.wait(every):
         try:
-          new_step = bool(self._committed_steps() - self._steps)
+          committed = self._committed_steps()  # a listdir: the whole tree is walked only when
+          new_step = bool(committed - self._steps)  # there is something to upload or delete
           due = time.monotonic() - self._files_sent_at >= self.files_every
-          self.push(delete_steps=delete_steps, files=new_step or due)
+          dropped = delete_steps and bool(self._steps - committed)
+          if new_step or due or dropped:
+            self.push(delete_steps=delete_steps, files=new_step or due)
           self.error = None
         except Exception as e:  # pylint: disable=broad-except  (retried; close() raises it)
           if self.error is None:
