@@ -35,6 +35,10 @@ def get_config() -> ml_collections.ConfigDict:
   m.attn_dropout = 0.1  # dropout on attention probabilities
   m.resid_dropout = 0.1  # dropout on each sub-block's output before the residual add
   m.init_std = 0.02  # N(0, init_std) weights; residual projections: init_std / sqrt(2 * n_layers)
+  m.parametrization = "sp"  # 'sp' (standard, GPT-2's) or 'mup' (maximal update: the learning rate
+  #   tuned at mup_base_width holds at every width; gptjax/mup.py has the rules)
+  m.mup_base_width = 0  # µP: the d_model the hyperparameters were tuned at (must divide d_model)
+  m.mup_base_d_head = 0  # µP: the base model's d_head; 0 = d_head * mup_base_width / d_model
   m.scan_layers = True  # nn.scan over layers (fast compile) instead of an unrolled Python loop
   m.remat = "none"  # activation checkpointing: 'none', 'full', 'dots', 'dots_no_batch', 'qkv_attn'
   m.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (params and loss stay float32)

@@ -235,13 +235,15 @@ class Attention(nn.Module):
   def __call__(self, x_BxLxD: Array, segment_ids_BxL: Array | None, deterministic: bool,
                positions_BxL: Array | None = None) -> Array:
     a = self.args
-    resid_std = a.init_std / math.sqrt(2 * a.n_layers)
+    resid_std = a.hidden_std(a.init_std / math.sqrt(2 * a.n_layers))
     qkv_BxLx3xNxH = Linear((a.d_model,), (3, a.n_heads, a.d_head), ("embed", None, "heads", "kv"),
-                           a.init_std, a.dtype, name="qkv")(x_BxLxD)
+                           a.hidden_std(a.init_std), a.dtype, name="qkv")(x_BxLxD)
     qkv_BxLx3xNxH = checkpoint_name(qkv_BxLx3xNxH, "qkv")
     q_BxLxNxH, k_BxLxNxH, v_BxLxNxH = (
         nn.with_logical_constraint(qkv_BxLx3xNxH[:, :, i], ("batch", "length", "heads", "kv"))
         for i in range(3))
+    if a.query_scale != 1.0:  # µP: scores scale as 1/d_head, in every kernel (gptjax/mup.py)
+      q_BxLxNxH = q_BxLxNxH * jnp.asarray(a.query_scale, q_BxLxNxH.dtype)
 
     backend = current_backend()
     kernel = resolve_kernel(a, backend, training=not deterministic, window=self.window,

@@ -8,7 +8,7 @@ import ml_collections
 
 import dataclasses
 
-from gptjax import attention, eval_tasks, heads, model as model_lib, optim, peft, prune
+from gptjax import attention, eval_tasks, heads, model as model_lib, mup, optim, peft, prune
 from gptjax import quantize_spec, trackers
 from gptjax.errors import ConfigError
 # Re-exported: the mesh's names and checks live with the meshes.
@@ -54,6 +54,7 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
     _check(0.0 <= m[key] < 1.0, f"model.{key}", f"must be in [0, 1), got {m[key]}",
            "Use 0 to disable dropout.")
   _check(m.init_std > 0, "model.init_std", "must be > 0", "GPT-2 uses 0.02.")
+  mup.validate(m)
 
 
 def validate_attention(cfg: ml_collections.ConfigDict, backend: str) -> None:

@@ -73,7 +73,7 @@ def init_params(_model, rng, tokens, *, spec: Spec, model: GPT, head: heads.Head
     x_1xD = jnp.zeros((1, model.args.d_model), model.args.dtype)
     params["head"] = head.init(r_head, x_1xD)["params"]
   if spec.lora is not None:
-    params["lora"] = peft.lora_init(r_lora, full, spec.lora)
+    params["lora"] = peft.lora_init(r_lora, full, spec.lora, model.args.width_mult)
   if not params:
     raise ConfigError("config.finetune.freeze: freezes every parameter and there is no head: "
                       "nothing would train. Freeze less.")
@@ -176,7 +176,7 @@ class FineTune:
     head = None
     if spec.task != "sft":
       head = heads.Head(heads.num_outputs(spec.task, spec.num_classes), spec.head_dropout,
-                        cfg.model.init_std, model.args.dtype)
+                        model.args.readout_std(cfg.model.init_std), model.args.dtype)
     parts = dict(spec=spec, model=model, head=head)
     trainer = Trainer.build(cfg, mesh, loss_fn=functools.partial(loss_sums, **parts),
                             init_params=functools.partial(init_params, **parts))

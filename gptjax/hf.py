@@ -121,6 +121,10 @@ def _hf_incompatibilities(a: ModelArgs) -> list[str]:
   if a.n_heads * a.d_head != a.d_model:
     problems.append(f"n_heads * d_head = {a.n_heads} * {a.d_head} != d_model = {a.d_model}: "
                     "HF GPT-2 derives d_head as d_model // n_heads (set model.d_head=0)")
+  if a.output_mult != 1.0 or a.query_scale != 1.0:
+    problems.append(f"parametrization='mup' at width multiplier {a.width_mult:g}: HF GPT-2 has no "
+                    "logit multiplier (1/m) nor µP's 1/d_head attention scale (export the base "
+                    "width, or train with model.parametrization='sp')")
   return problems
 
 

@@ -65,6 +65,11 @@ class ModelArgs:
   scan_layers: bool = True
   remat: str = "none"
   dtype: Any = jnp.float32
+  # Parametrization (gptjax/mup.py): 'sp' (standard, GPT-2's) or 'mup' (maximal update, relative
+  # to a base model of width `mup_base_width` whose heads are `mup_base_d_head` wide).
+  parametrization: str = "sp"
+  mup_base_width: int = 0
+  mup_base_d_head: int = 0  # 0 = d_head * mup_base_width / d_model (the head count held fixed)
   # Fine-tuning additions (gptjax/peft.py); 0 = absent, leaving the parameter tree as it is.
   adapter_dim: int = 0  # Houlsby adapter bottleneck after attention and after the MLP
   prefix_len: int = 0  # learned key/value prefix positions per layer (prefix tuning)
@@ -84,11 +89,50 @@ class ModelArgs:
         attention=m.attention, local_window=m.local_window,
         attention_impl=m.attention_impl,
         embd_dropout=m.embd_dropout, attn_dropout=m.attn_dropout, resid_dropout=m.resid_dropout,
-        init_std=m.init_std, scan_layers=m.scan_layers, remat=m.remat, dtype=DTYPES[m.dtype])
+        init_std=m.init_std, scan_layers=m.scan_layers, remat=m.remat, dtype=DTYPES[m.dtype],
+        # Runs saved before µP existed were standard-parametrized.
+        parametrization=m.get("parametrization", "sp"), mup_base_width=m.get("mup_base_width", 0),
+        mup_base_d_head=m.get("mup_base_d_head", 0))
 
   @property
   def padded_vocab(self) -> int:
     return -(-self.vocab_size // self.pad_vocab_to) * self.pad_vocab_to
+
+  # ---- µP (gptjax/mup.py has the rules and their source) ----
+  @property
+  def width_mult(self) -> float:
+    """m = d_model / mup_base_width under µP; 1 under SP (and at the base width)."""
+    return self.d_model / self.mup_base_width if self.parametrization == "mup" else 1.0
+
+  @property
+  def base_d_head(self) -> float:
+    """The base model's head width (µP): `mup_base_d_head`, or d_head / m (the head count held)."""
+    return self.mup_base_d_head or self.d_head / self.width_mult
+
+  def hidden_std(self, std: float) -> float:
+    """Init std of a hidden (width x width) weight whose base-width std is `std`: under µP its
+    variance goes as 1/fan_in, so std / sqrt(m)."""
+    return std / self.width_mult ** 0.5
+
+  def readout_std(self, std: float) -> float:
+    """Init std of a width -> fixed-size matrix other than the LM output (a classifier head, an
+    adapter's down-projection): under µP (Table 3's output weights) variance 1/fan_in^2, so
+    std / m."""
+    return std / self.width_mult
+
+  @property
+  def query_scale(self) -> float:
+    """Factor on the queries so that every kernel's 1/sqrt(d_head) becomes µP's 1/d_head (times
+    sqrt(base_d_head), which makes it 1/sqrt(d_head) at the base width): sqrt(base_d_head/d_head).
+    1 under SP."""
+    if self.parametrization != "mup":
+      return 1.0
+    return (self.base_d_head / self.d_head) ** 0.5
+
+  @property
+  def output_mult(self) -> float:
+    """Multiplier on the logits: 1/m under µP (Table 8's output weights), 1 under SP."""
+    return 1.0 / self.width_mult
 
   @property
   def pattern(self) -> tuple[int, ...]:

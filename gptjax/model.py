@@ -36,15 +36,15 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxD: Array) -> Array:
     a = self.args
-    h_BxLxF = Linear((a.d_model,), (a.d_ff,), ("embed", "mlp"), a.init_std, a.dtype,
-                     name="fc")(x_BxLxD)
+    h_BxLxF = Linear((a.d_model,), (a.d_ff,), ("embed", "mlp"), a.hidden_std(a.init_std),
+                     a.dtype, name="fc")(x_BxLxD)
     h_BxLxF = nn.with_logical_constraint(h_BxLxF, ("batch", "length", "mlp"))
     # GELU and the projection after it are rematerialised together: the backward pass recomputes
     # gelu(h) from h, so each layer keeps one [B, L, F] array for it instead of five (h, the GELU
     # output and three intermediates of its tanh formula).
     proj = nn.remat(_GeluLinear, prevent_cse=not a.scan_layers)
-    return proj((a.d_ff,), (a.d_model,), ("mlp", "embed"), a.init_std / math.sqrt(2 * a.n_layers),
-                a.dtype, name="proj")(h_BxLxF)
+    return proj((a.d_ff,), (a.d_model,), ("mlp", "embed"),
+                a.hidden_std(a.init_std / math.sqrt(2 * a.n_layers)), a.dtype, name="proj")(h_BxLxF)
 
 
 class _GeluLinear(Linear):
@@ -64,8 +64,8 @@ class Adapter(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxD: Array) -> Array:
     a = self.args
-    h_BxLxA = Linear((a.d_model,), (a.adapter_dim,), ("embed", None), a.init_std, a.dtype,
-                     name="down")(x_BxLxD)
+    h_BxLxA = Linear((a.d_model,), (a.adapter_dim,), ("embed", None), a.readout_std(a.init_std),
+                     a.dtype, name="down")(x_BxLxD)
     up = Linear((a.adapter_dim,), (a.d_model,), (None, "embed"), 0.0, a.dtype, name="up")
     return x_BxLxD + up(jax.nn.gelu(h_BxLxA, approximate=True))
 
@@ -192,9 +192,12 @@ class GPT(nn.Module):
     return x_BxLxD
 
   def output_embedding(self) -> Array:
-    """The output projection as [V_padded, D] in the compute dtype (the token embedding if tied)."""
+    """The output projection as [V_padded, D] in the compute dtype (the token embedding if tied),
+    times µP's output multiplier 1/m (`ModelArgs.output_mult`; 1 under SP)."""
     a = self.args
     w_VxD = self.wte.embedding if a.tie_embeddings else self.lm_head.T
+    if a.output_mult != 1.0:
+      w_VxD = w_VxD * a.output_mult
     return w_VxD.astype(a.dtype)
 
   def logits(self, x_BxLxD: Array) -> Array:

@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import optax
 
-from gptjax import prune
+from gptjax import mup, prune
 from gptjax.errors import ConfigError
 
 
@@ -226,6 +226,8 @@ def make(cfg: ml_collections.ConfigDict, run: RunPlan) -> tuple[
   adamw = optax.inject_hyperparams(_adamw, static_args=("eps", "shape_fn", "mask"))(
       peak_lr=o.peak_lr, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
       shape_fn=shape_fn, mask=lambda p: decay_mask(p, o.decay_embeddings))
+  if cfg.model.get("parametrization", "sp") == "mup":  # per-parameter learning rates / m
+    adamw = optax.chain(adamw, mup.scale(cfg.model.d_model / cfg.model.mup_base_width))
   tx = optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw) if o.clip_norm else adamw
 
   def lr(step, opt_state):

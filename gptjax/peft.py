@@ -144,13 +144,19 @@ def _kernel_split(names: tuple[str | None, ...]) -> tuple[int, int]:
   return lead, 1 if rest[0] == "embed" else len(rest) - 1
 
 
-def lora_init(rng: jax.Array, params: Any, lora: Lora) -> dict[str, Any]:
+def lora_init(rng: jax.Array, params: Any, lora: Lora, width_mult: float = 1.0
+              ) -> dict[str, Any]:
   """A (N(0, 1/fan_in)) and B (zero) for every targeted kernel, boxed with logical axes.
+
+  Under µP, A maps the width to the rank, a fixed size: it is an output weight of Tensor Programs
+  V's Table 3, with variance 1/fan_in^2 relative to the base width, so N(0, 1/(fan_in · m)) for a
+  width multiplier m (`gptjax/mup.py`; its learning rate is divided by m there too).
 
   Args:
     rng: PRNG key.
     params: the model's parameters as `model.init` returns them (boxed with logical axes).
     lora: the settings.
+    width_mult: µP's m (`ModelArgs.width_mult`; 1 under SP).
 
   Returns:
     A tree mirroring the targeted modules: {'layers': {'block_0': {'attn': {'qkv': {'lora_a': A,
@@ -172,7 +178,8 @@ def lora_init(rng: jax.Array, params: Any, lora: Lora) -> dict[str, Any]:
   draws = jax.random.normal(rng, (sum(math.prod(s) for s in a_shapes),))
   at = 0
   for (module, names, shape, lead, n_in), a_shape in zip(parts, a_shapes):
-    a = draws[at:at + math.prod(a_shape)].reshape(a_shape) / math.sqrt(math.prod(a_shape[lead:-1]))
+    a = draws[at:at + math.prod(a_shape)].reshape(a_shape) / math.sqrt(
+        math.prod(a_shape[lead:-1]) * width_mult)
     at += math.prod(a_shape)
     out[module + "/lora_a"] = nn.LogicallyPartitioned(a, names[:lead + n_in] + (None,))
     b_shape = shape[:lead] + (lora.rank,) + shape[lead + n_in:]

@@ -48,6 +48,12 @@ def reference_logits(params, tokens, a: ModelArgs):
   """Plain numpy GPT forward pass, written from the papers, independent of gptjax.model."""
   p = jax.tree.map(np.asarray, layout.unstack(params, len(a.pattern)))
   tokens = np.asarray(tokens)
+  # µP (Tensor Programs V): scores q.k / d_head (times sqrt of the base model's d_head, so that the
+  # base width scores as SP does), logits times base_width / width.
+  scale, out_mult = 1 / np.sqrt(a.d_head), 1.0
+  if a.parametrization == "mup":
+    base_d_head = a.mup_base_d_head or a.d_head * a.mup_base_width / a.d_model
+    scale, out_mult = np.sqrt(base_d_head) / a.d_head, a.mup_base_width / a.d_model
   length = tokens.shape[1]
   x = p["wte"]["embedding"][tokens] + p["wpe"]["embedding"][:length][None]
   for l in range(a.n_layers):
@@ -57,7 +63,7 @@ def reference_logits(params, tokens, a: ModelArgs):
     def attn(h, b=b, window=window):
       qkv = np.einsum("btd,dsnh->btsnh", h, b["attn"]["qkv"]["kernel"]) + b["attn"]["qkv"]["bias"]
       q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-      s = np.einsum("bqnh,bknh->bnqk", q, k) / np.sqrt(a.d_head)
+      s = np.einsum("bqnh,bknh->bnqk", q, k) * scale
       i, j = np.arange(length)[:, None], np.arange(length)[None, :]
       allowed = (j <= i) & ((i - j < window) if window else True)
       s = np.where(allowed, s, -np.inf)
@@ -79,7 +85,7 @@ def reference_logits(params, tokens, a: ModelArgs):
   if a.norm == "pre":
     x = _ln(x, p["ln_f"], a.ln_eps)
   w = p["wte"]["embedding"].T if a.tie_embeddings else p["lm_head"]
-  return (x @ w)[..., :a.vocab_size]
+  return (x @ w * out_mult)[..., :a.vocab_size]
 
 
 @pytest.mark.parametrize("overrides", [
@@ -88,7 +94,9 @@ def reference_logits(params, tokens, a: ModelArgs):
     dict(attention="alternating", local_window=5),
     dict(tie_embeddings=False, pad_vocab_to=64),
     dict(scan_layers=False, norm="post"),
-], ids=["pre_ln", "post_ln", "banded", "untied_padded", "unrolled_post_ln"])
+    dict(parametrization="mup", mup_base_width=8),
+    dict(parametrization="mup", mup_base_width=16, mup_base_d_head=2, tie_embeddings=False),
+], ids=["pre_ln", "post_ln", "banded", "untied_padded", "unrolled_post_ln", "mup", "mup_heads"])
 def test_matches_numpy_reference(overrides):
   args = dataclasses.replace(SMALL, **overrides)
   params, tokens = init(args)
