@@ -20,7 +20,7 @@ $(VENV)/.core: $(BIN)/python pyproject.toml
 
 $(VENV)/.dev: $(VENV)/.core
 	$(BIN)/pip install -q "$(TORCH_CPU)" || $(BIN)/pip install -q --index-url $(TORCH_INDEX) torch
-	$(BIN)/pip install -q -e '.[dev,hf,beam,cloud,track]'
+	$(BIN)/pip install -q -e '.[dev,hf,beam,cloud,track,eval]'
 	touch $@
 
 setup: $(VENV)/.core

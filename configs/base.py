@@ -127,6 +127,10 @@ def get_config() -> ml_collections.ConfigDict:
   e.tasks = ""  # 'name:path:kind[:fewshot],...' (mc, lambada, ppl) run every eval_every; ''=none
   e.shots = 0  # few-shot demonstrations before each example (0 = zero-shot)
   e.seed = 0  # seed of the few-shot draw
+  e.harness_tasks = ""  # lm-evaluation-harness tasks run every eval_every, comma-separated (the
+  #   eval extra); logged as eval/harness/<task>/<metric> (gptjax/harness.py)
+  e.harness_include = ""  # a folder of lm-eval task YAML files (local tasks), as --include_path
+  e.harness_limit = 0  # examples per harness task (0 = all)
 
   # ---- fine-tuning (gptjax/finetune.py, scripts/finetune.py) -------------------------------
   f = c.finetune = ml_collections.ConfigDict()

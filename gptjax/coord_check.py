@@ -115,3 +115,33 @@ def run(cfg: ml_collections.ConfigDict, widths: Sequence[int], steps: int = 4, b
       rows.append(row)
     data[width] = {k: np.array([r[k] for r in rows]) for k in rows[0]}
   return data
+
+
+def plot(results: dict[str, dict[int, dict[str, np.ndarray]]], path: str,
+         layers: Sequence[str] = ("block_0", "block_1", "logits")) -> str:
+  """The coordinate-check picture: one row per parametrization (`results` = {'SP': run(...),
+  'µP': run(...)}), one panel per layer, mean |output| against width with one line per step.
+  Returns `path`."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(len(results), len(layers), figsize=(3.6 * len(layers),
+                                                               3.0 * len(results)), squeeze=False)
+  for row, (kind, data) in zip(axes, results.items()):
+    widths = sorted(data)
+    steps = len(next(iter(data.values()))[layers[0]])
+    colors = plt.cm.plasma(np.linspace(0.0, 0.85, steps))
+    for ax, layer in zip(row, layers):
+      for t, color in zip(range(steps), colors):
+        ax.plot(widths, [data[w][layer][t] for w in widths], "o-", color=color, ms=3,
+                label=f"step {t}")
+      ax.set(xscale="log", yscale="log", title=f"{kind}: {layer}", xlabel="d_model")
+      ax.set_xticks(widths, [str(w) for w in widths])
+      ax.grid(alpha=0.3)
+    row[0].set_ylabel("mean |output|")
+  axes[0][-1].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path

@@ -132,6 +132,7 @@ def test_init_scales_follow_the_table():
   assert any("lora_a" in k for k in ratio) and any("lm_head" in k for k in ratio)
 
 
+@pytest.mark.slow  # ~10 s; the slow CI step runs it
 def test_mup_at_its_base_width_is_the_standard_model():
   """m = 1: the same parameters, logits and optimizer updates as SP, bit for bit."""
   sp, mup = (mup_cfg(BASE, kind) for kind in ("sp", "mup"))
@@ -146,6 +147,7 @@ def test_mup_at_its_base_width_is_the_standard_model():
   jax.tree.map(np.testing.assert_array_equal, out[0], out[1])
 
 
+@pytest.mark.slow  # ~10 s; the slow CI step runs it
 def test_a_mup_run_trains_the_same_in_every_layout():
   """µP's labels and multipliers under FSDP and tensor parallelism: the losses of one device."""
   data = batches(1) * 4
@@ -188,6 +190,7 @@ def test_hf_export_refuses_a_widened_mup_model_and_takes_its_base():
   hf._check_representable(ModelArgs.from_config(mup_cfg(BASE).model))
 
 
+@pytest.mark.slow  # ~10 s; the slow CI step runs it
 def test_decoding_with_the_kv_cache_keeps_the_mup_scales():
   """The cached attention path scales its queries too: greedy decoding with the cache equals
   recomputing the whole forward pass at every step, on a µP model at m = 4 with spread-out

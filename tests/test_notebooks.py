@@ -72,3 +72,12 @@ def test_scaling_notebook_runs_a_size_sweep_and_fits_it(tmp_path, monkeypatch):
   assert len(rows) == 4 and all(r["finished"] for r in rows)
   assert (workdir / "scaling.png").stat().st_size > 10_000
   assert "L(N) = " in text_of(nb)
+
+
+@pytest.mark.slow  # about a minute; the slow CI step runs it
+def test_mup_notebook_shows_the_coordinate_check_and_transfer(tmp_path, monkeypatch):
+  nb = execute("04_mup.ipynb", tmp_path, monkeypatch)
+  text = text_of(nb)
+  assert "µP: block_1 after the last step" in text and "| µP | 64 |" in text
+  assert (tmp_path / "runs" / "coord_check.png").stat().st_size > 10_000
+  assert (tmp_path / "runs" / "mup_transfer-smoke" / "transfer.png").stat().st_size > 10_000

@@ -19,7 +19,7 @@ from gptjax.config import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP_FILES = ["lr_tiny", "lr_tiny:random", "model_size", "model_size:cpu", "model_size:smoke",
-               "isoflop", "isoflop:cpu"]
+               "isoflop", "isoflop:cpu", "mup_transfer", "mup_transfer:cpu", "mup_transfer:smoke"]
 
 
 def write_sweep(tmp_path, body: str, name: str = "s.py") -> str:
