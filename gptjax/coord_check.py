@@ -126,8 +126,10 @@ def plot(results: dict[str, dict[int, dict[str, np.ndarray]]], path: str,
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
+  from matplotlib.ticker import NullFormatter
   fig, axes = plt.subplots(len(results), len(layers), figsize=(3.6 * len(layers),
-                                                               3.0 * len(results)), squeeze=False)
+                                                               3.0 * len(results)),
+                           squeeze=False, sharey="col")  # one scale per layer: rows compare
   for row, (kind, data) in zip(axes, results.items()):
     widths = sorted(data)
     steps = len(next(iter(data.values()))[layers[0]])
@@ -138,6 +140,7 @@ def plot(results: dict[str, dict[int, dict[str, np.ndarray]]], path: str,
                 label=f"step {t}")
       ax.set(xscale="log", yscale="log", title=f"{kind}: {layer}", xlabel="d_model")
       ax.set_xticks(widths, [str(w) for w in widths])
+      ax.xaxis.set_minor_formatter(NullFormatter())
       ax.grid(alpha=0.3)
     row[0].set_ylabel("mean |output|")
   axes[0][-1].legend(fontsize=7)

@@ -13,7 +13,7 @@ writes `transfer.png` (loss against learning rate, one curve per width, SP and Â
 | variant  | widths              | peak LRs             | steps x batch x ctx | runs | time       |
 |----------|---------------------|----------------------|---------------------|------|------------|
 | (none)   | 128, 256, 512, 1024 | 2^-12 .. 2^-4 (9)    | 2000 x 64 x 256     | 72   | accelerator|
-| `:cpu`   | 64, 128, 256        | 2^-11 .. 2^-5 (7)    | 100 x 16 x 128      | 42   | ~40 min    |
+| `:cpu`   | 64, 128, 256        | 2^-11 .. 2^-5 (7)    | 100 x 16 x 128      | 42   | ~30 min CPU|
 | `:smoke` | 32, 64              | 2^-8, 2^-6           | 6 x 8 x 64          | 8    | seconds    |
 
 Usage: python scripts/sweep.py --config=configs/sweeps/mup_transfer.py:cpu --workdir=runs/mup
