@@ -34,7 +34,6 @@ import ml_collections
 import numpy as np
 
 from gptjax import feed, sharding
-from gptjax.errors import ConfigError
 from gptjax.eval_tasks import (METRICS, Request, Task, document_requests, example_requests,
                                load_tasks)
 from gptjax.model import GPT
@@ -213,34 +212,21 @@ class Suite:
   scorer: Scorer | None
   shots: int
   seed: int
-  harness: Any = None  # gptjax.harness.HarnessSuite of eval.harness_tasks, or None
 
   @classmethod
   def from_config(cls, cfg: ml_collections.ConfigDict, trainer: Trainer, tokenizer) -> "Suite":
-    """Reads and checks the task files (and lm-eval's task names) now, before training starts."""
+    """Reads and checks the task files now, before training starts."""
     e = cfg.eval
     tasks = load_tasks(e.tasks, "config.eval.tasks", e.shots)
     scorer = (Scorer(trainer.model, tokenizer, trainer.run.micro_batch, trainer.mesh,
                      trainer.rules) if tasks else None)
-    harness = None
-    if e.get("harness_tasks"):
-      try:
-        from gptjax import harness as harness_lib  # the eval extra (lm-eval)
-      except ImportError as err:
-        raise ConfigError(f"config.eval.harness_tasks: {e.harness_tasks!r} needs lm-eval, which "
-                          f"is not installed ({err}). pip install 'gptjax[eval]'.") from err
-      harness = harness_lib.HarnessSuite(cfg, trainer, tokenizer)
-    return cls(tasks, scorer, e.shots, e.seed, harness)
+    return cls(tasks, scorer, e.shots, e.seed)
 
   def metrics(self, params) -> dict[str, float]:
-    """`eval/<task>/<metric>` of every task and `eval/harness/<task>/<metric>` of every harness
-    task ({} when there are none)."""
-    out = {}
-    if self.tasks:
-      out.update(flat_metrics(run_tasks(self.scorer, params, self.tasks, self.shots, self.seed)))
-    if self.harness is not None:
-      out.update(self.harness.metrics(params))
-    return out
+    """`eval/<task>/<metric>` of every task ({} when there are none)."""
+    if not self.tasks:
+      return {}
+    return flat_metrics(run_tasks(self.scorer, params, self.tasks, self.shots, self.seed))
 
 
 def write_results(workdir: str, step: int, results: dict[str, Any]) -> str:

@@ -175,10 +175,23 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str,
     return _run(cfg, local, devices)
 
 
+def _harness_suite(cfg: ml_collections.ConfigDict, trainer: Trainer, tokenizer):
+  """`gptjax.harness.HarnessSuite` of `eval.harness_tasks` (the eval extra), or None."""
+  if not cfg.eval.get("harness_tasks"):
+    return None
+  try:
+    from gptjax import harness as harness_lib  # lm-eval: only when harness tasks are asked for
+  except ImportError as err:
+    raise ConfigError(f"config.eval.harness_tasks: {cfg.eval.harness_tasks!r} needs lm-eval, which "
+                      f"is not installed ({err}). pip install 'gptjax[eval]'.") from err
+  return harness_lib.HarnessSuite(cfg, trainer, tokenizer)
+
+
 def _run(cfg: ml_collections.ConfigDict, workdir: str, devices) -> dict[str, Any]:
   tokenizer, mesh = prepare(cfg, workdir, devices)
   trainer = Trainer.build(cfg, mesh, **objective(cfg, tokenizer))
   suite = evaluate_lib.Suite.from_config(cfg, trainer, tokenizer)  # eval.tasks files checked now
+  harness = _harness_suite(cfg, trainer, tokenizer)  # lm-eval tasks and task files checked now
   plan, t = trainer.run, cfg.train
   args = trainer.model.args
   counts = accounting.param_counts(args)
@@ -206,7 +219,8 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str, devices) -> dict[str, Any
 
   def validate(state) -> dict[str, Any]:
     return {**validation_metrics(trainer, state.params, validation, rows),
-            **suite.metrics(state.params)}  # eval/<task>/<metric>; {} without eval.tasks
+            **suite.metrics(state.params),  # eval/<task>/<metric>; {} without eval.tasks
+            **(harness.metrics(state.params) if harness else {})}  # eval/harness/<task>/<metric>
 
   def next_batch(step: int) -> list[dict[str, np.ndarray]]:
     return [next(train_it) for _ in range(plan.accum(step))]

@@ -10,10 +10,10 @@ over narrowest ratio of every layer's mean |output| after the last step, and plo
 (gptjax/coord_check.py). Under µP the ratios stay near 1; under SP they grow with the width.
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from gptjax import coord_check
+from gptjax import cli, coord_check
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Model config, e.g. configs/tiny.py.")
 _WIDTHS = flags.DEFINE_list("widths", ["64", "128", "256", "512"], "d_model values, narrowest "
@@ -41,4 +41,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("config")
-  app.run(main)
+  cli.run(main)

@@ -16,9 +16,15 @@ import sys
 
 from lm_eval.__main__ import cli_evaluate
 
-from gptjax import harness  # noqa: F401  (registers the `gptjax` model with lm-eval)
+from gptjax import cli, harness  # noqa: F401  (importing harness registers the `gptjax` model)
+
+
+def main(argv):
+  del argv  # lm-eval's CLI reads sys.argv itself
+  cli_evaluate()
+
 
 if __name__ == "__main__":
   if len(sys.argv) > 1 and sys.argv[1] not in ("run", "ls", "validate", "-h", "--help"):
     sys.argv.insert(1, "run")  # `harness.py --model gptjax ...` as lm_eval's old one-command form
-  cli_evaluate()
+  cli.run(main, argv=sys.argv[:1])  # absl parses no flags here; project errors end in one line

@@ -8,9 +8,9 @@ the best LR drifts across widths) and writes `transfer.md` and `transfer.png` in
 the sweep folder).
 """
 
-from absl import app, flags
+from absl import flags
 
-from gptjax import lr_transfer
+from gptjax import cli, lr_transfer
 
 _SWEEP_DIR = flags.DEFINE_string("sweep_dir", None, "The sweep's folder.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Output folder (default: the sweep folder).")
@@ -25,4 +25,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
