@@ -108,7 +108,8 @@ def evaluate(trainer: Trainer, params, eval_ds, rows: feed.HostRows) -> float:
 def validation_metrics(trainer: Trainer, params, validation: Sequence[training.Validation],
                        rows: feed.HostRows) -> dict[str, float]:
   """`val_loss` (a mixture's: the sources' losses weighted by the base mixture weights) and, per
-  source of a mixture, `eval/<source>/val_loss` and `eval/<source>/bits_per_byte`."""
+  source of a mixture, `eval/<source>/val_loss` and `eval/<source>/bits_per_byte` (one source:
+  `val_bits_per_byte`). Bits per byte divide by the val split's mean UTF-8 bytes per token."""
   out, total = {}, 0.0
   for v in validation:
     loss = evaluate(trainer, params, v.batches, rows)
@@ -116,6 +117,8 @@ def validation_metrics(trainer: Trainer, params, validation: Sequence[training.V
     if v.name:
       out[f"eval/{v.name}/val_loss"] = loss
       out[f"eval/{v.name}/bits_per_byte"] = loss / math.log(2) / v.bytes_per_token
+    else:  # one source: its bits per byte, comparable across tokenizers
+      out["val_bits_per_byte"] = loss / math.log(2) / v.bytes_per_token
   return {"val_loss": total, **out}
 
 
@@ -242,8 +245,10 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str, devices) -> dict[str, Any
   if start == plan.total_steps:
     _log(f"the run in {workdir} had already finished ({start} steps); nothing to do")
   elif not summary["preempted"]:
-    _log(f"done. val loss {summary.get('val_loss', float('nan')):.4f}; outputs in {workdir} "
-         "(config.json, checkpoints/, metrics.jsonl, tb/, tokenizer.model, samples.txt)")
+    bpb = summary.get("val_bits_per_byte")
+    per_byte = f" nats/token, {bpb:.4f} bits/byte" if bpb is not None else ""
+    _log(f"done. val loss {summary.get('val_loss', float('nan')):.4f}{per_byte}; outputs in "
+         f"{workdir} (config.json, checkpoints/, metrics.jsonl, tb/, tokenizer.model, samples.txt)")
   return summary
 
 
