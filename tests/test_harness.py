@@ -177,3 +177,26 @@ def test_bad_harness_input_names_the_task_or_setting(run, lm, tasks, tmp_path): 
     other.generate_until([instance("generate_until", ("x", {"until": ["\u2603"]}), task="gen")])
   with pytest.raises(ConfigError, match="--model_args: give workdir="):
     harness.GptjaxLM()
+
+
+def test_a_hugging_face_folder_scores_as_torch_does(tmp_path):
+  """`hf_dir=`: a random HF GPT-2 saved with a byte-level vocabulary; the harness's log-likelihoods
+  against the same model's log-softmax in torch (context after EOS, as gptjax tokenizes)."""
+  import torch
+  from gptjax.data import gpt2_bpe
+  from test_generate import hf_model
+  model = hf_model()
+  model.save_pretrained(tmp_path)
+  vocab = {c: i for i, c in enumerate(gpt2_bpe.bytes_to_unicode().values())}
+  tok = gpt2_bpe.GPT2BPETokenizer(vocab | {gpt2_bpe.EOS_TOKEN: 256}, [])
+  tok.save(str(tmp_path))
+  lm = harness.GptjaxLM(hf_dir=str(tmp_path), batch_size=2)
+  pairs = [("Hi there", " friend"), ("x", "yz"), ("The cat sat on the", " mat.")]
+  got = lm.loglikelihood([instance("loglikelihood", p) for p in pairs])
+  for (context, continuation), (logprob, _) in zip(pairs, got):
+    ctx, cont = [256] + tok.encode(context), tok.encode(continuation)
+    with torch.no_grad():
+      logits = model(torch.tensor([ctx + cont])).logits[0].double()
+    logp = torch.log_softmax(logits, -1)
+    want = sum(float(logp[len(ctx) - 1 + i, t]) for i, t in enumerate(cont))
+    assert logprob == pytest.approx(want, rel=1e-4, abs=1e-4)
