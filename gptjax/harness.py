@@ -10,8 +10,9 @@ folder through `gptjax.serving`, and answers lm-eval's three request types:
   on its own, so both give the same numbers on the same examples.
 - `loglikelihood_rolling(text)`: the document's log-likelihood, [EOS] first, in non-overlapping
   windows of the model context (as `gptjax.evaluate`'s perplexity and the validation loss).
-- `generate_until(context, {until, max_gen_toks, temperature, do_sample})`: KV-cache decoding
-  (`gptjax.generate`), batched, cut at the first stop sequence.
+- `generate_until(context, {until, max_gen_toks, do_sample, temperature, top_k, top_p})`: KV-cache
+  decoding (`gptjax.generate`), batched, cut at the first stop sequence; other generation
+  settings are refused, naming the task.
 
 From the shell (`pip install 'gptjax[eval]'`): `python scripts/harness.py run --model gptjax
 --model_args workdir=runs/tiny --tasks <task> [--include_path <folder of task YAML>]`, which is
@@ -142,23 +143,29 @@ class GptjaxLM(LM):
     for i, r in enumerate(requests):
       kwargs = dict(r.args[1]) if len(r.args) > 1 and r.args[1] else {}
       until = kwargs.pop("until", None)
-      until = [until] if isinstance(until, str) else list(until or [])
+      until = tuple([until] if isinstance(until, str) else until or ())
       max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
       sample = kwargs.pop("do_sample", False)
-      temperature = float(kwargs.pop("temperature", 1.0 if sample else 0.0)) if sample or \
-          "temperature" in kwargs else 0.0
-      self.check_stops(until, r.task_name)
-      groups.setdefault((tuple(until), max_new, temperature), []).append(i)
+      temperature = float(kwargs.pop("temperature", 1.0 if sample else 0.0))
+      top_k, top_p = int(kwargs.pop("top_k", 0) or 0), float(kwargs.pop("top_p", 1.0) or 1.0)
+      if kwargs:
+        raise ConfigError(
+            f"task {r.task_name}: generation_kwargs {sorted(kwargs)} are not supported by the "
+            "gptjax backend (it takes until, max_gen_toks, do_sample, temperature, top_k, top_p).")
+      key = (until, max_new, temperature, top_k, top_p)
+      if key not in groups:
+        self.check_stops(until, r.task_name)
+      groups.setdefault(key, []).append(i)
     out: list[str] = [""] * len(requests)
     d = self._decoder
-    for (until, max_new, temperature), members in groups.items():
+    for (until, max_new, temperature, top_k, top_p), members in groups.items():
       max_new = max(1, min(max_new, d.model.args.ctx - 1))
       for start in range(0, len(members), self.batch):
         chunk = members[start:start + self.batch]
         prompts = [self._context(requests[i].args[0]) for i in chunk]
         with d.routing():
           new = generate.generate(d.model, d.params, prompts, max_new, temperature=temperature,
-                                  eos_id=self.tokenizer.eos_id)
+                                  top_k=top_k, top_p=top_p, eos_id=self.tokenizer.eos_id)
         for i, tokens in zip(chunk, new):
           if tokens and tokens[-1] == self.tokenizer.eos_id:
             tokens = tokens[:-1]

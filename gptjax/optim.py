@@ -21,6 +21,7 @@ import optax
 
 from gptjax import mup, prune
 from gptjax.errors import ConfigError
+from gptjax.layers import ModelArgs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,8 +227,9 @@ def make(cfg: ml_collections.ConfigDict, run: RunPlan) -> tuple[
   adamw = optax.inject_hyperparams(_adamw, static_args=("eps", "shape_fn", "mask"))(
       peak_lr=o.peak_lr, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
       shape_fn=shape_fn, mask=lambda p: decay_mask(p, o.decay_embeddings))
-  if cfg.model.get("parametrization", "sp") == "mup":  # per-parameter learning rates / m
-    adamw = optax.chain(adamw, mup.scale(cfg.model.d_model / cfg.model.mup_base_width))
+  width_mult = ModelArgs.from_config(cfg.model).width_mult  # µP's m (1 under SP)
+  if width_mult != 1.0:  # µP: per-parameter learning rates / m
+    adamw = optax.chain(adamw, mup.scale(width_mult))
   tx = optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw) if o.clip_norm else adamw
 
   def lr(step, opt_state):

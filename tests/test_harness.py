@@ -175,6 +175,10 @@ def test_bad_harness_input_names_the_task_or_setting(run, lm, tasks, tmp_path): 
   with pytest.raises(ConfigError, match="task gen: generate_until's stop sequence '\u2603' cannot "
                                         "be encoded by this run's tokenizer"):
     other.generate_until([instance("generate_until", ("x", {"until": ["\u2603"]}), task="gen")])
+  with pytest.raises(ConfigError, match=r"task gen: generation_kwargs \['num_beams'\] are not "
+                                        "supported"):
+    lm.generate_until([instance("generate_until", ("x", {"until": ["\n"], "num_beams": 4}),
+                                task="gen")])
   with pytest.raises(ConfigError, match="--model_args: give workdir="):
     harness.GptjaxLM()
 
